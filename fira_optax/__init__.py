@@ -1,0 +1,47 @@
+"""fira_optax: Fira and GaLore as composable Optax transforms.
+
+Full-rank training under a low-rank optimizer-state constraint (Chen et al., 2024,
+arXiv:2410.01623), matching the official `fira==1.0.2` / `galore-torch==1.0` code.
+"""
+
+from fira_optax._alias import ScaleByLearningRateState as ScaleByLearningRateState
+from fira_optax._alias import fira as fira
+from fira_optax._alias import galore as galore
+from fira_optax._alias import scale_by_fira as scale_by_fira
+from fira_optax._alias import scale_by_galore as scale_by_galore
+from fira_optax._alias import (
+    scale_by_learning_rate_and_decay as scale_by_learning_rate_and_decay,
+)
+from fira_optax._limiter import LimitNormGrowthState as LimitNormGrowthState
+from fira_optax._limiter import limit_norm_growth as limit_norm_growth
+from fira_optax._low_rank_adam import LowRankAdamState as LowRankAdamState
+from fira_optax._low_rank_adam import scale_by_low_rank_adam as scale_by_low_rank_adam
+from fira_optax._masks import describe_projection as describe_projection
+from fira_optax._masks import projected_mask as projected_mask
+from fira_optax._project_back import project_back as project_back
+from fira_optax._projection import LowRankUpdate as LowRankUpdate
+from fira_optax._projection import ProjectState as ProjectState
+from fira_optax._projection import project as project
+from fira_optax._residual import norm_scale_residual as norm_scale_residual
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LimitNormGrowthState",
+    "LowRankAdamState",
+    "LowRankUpdate",
+    "ProjectState",
+    "ScaleByLearningRateState",
+    "describe_projection",
+    "fira",
+    "galore",
+    "limit_norm_growth",
+    "norm_scale_residual",
+    "project",
+    "project_back",
+    "projected_mask",
+    "scale_by_fira",
+    "scale_by_galore",
+    "scale_by_learning_rate_and_decay",
+    "scale_by_low_rank_adam",
+]

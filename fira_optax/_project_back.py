@@ -1,0 +1,44 @@
+"""`project_back`: turns the low-rank nodes into dense updates (one matmul, one fused pass)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from fira_optax._projection import LowRankUpdate, back_matrix, map_nodes
+
+
+def dense_update(u: LowRankUpdate) -> jnp.ndarray:
+    """`step_scale · (α·back(N) + S)` as a dense array in the gradient's dtype.
+
+    With the implicit residual `S = φ ⊙ (G − α·back(R))` and φ constant along the rank axis,
+    `φ ⊙ back(R) = back(φ ⊙ R)`, so `α·back(N) + S = α·back(N − φ ⊙ R) + φ ⊙ G`: one
+    `m×k×n` matmul plus one elementwise pass over G, and no m×n temporary for `back(R)`.
+    """
+    if u.residual_scale is None:
+        dense = back_matrix(u.scale * u.step_scale * u.direction, u.basis, u.side)
+    else:
+        phi = u.residual_scale
+        low_rank = u.scale * u.step_scale * (u.direction - phi * u.low_rank)
+        dense = back_matrix(low_rank, u.basis, u.side) + (u.step_scale * phi) * u.grad.astype(
+            jnp.float32
+        )
+    return dense.astype(u.grad.dtype)
+
+
+def project_back() -> optax.GradientTransformation:
+    """Ends the projected part of a chain: every :class:`LowRankUpdate` becomes a dense update.
+
+    The output for a projected leaf is `c_t·(α·back(N) + S)` (GaLore: `c_t·α·back(N)`), `c_t`
+    the bias correction set by :func:`fira_optax.scale_by_low_rank_adam`; dense leaves pass
+    through. See :func:`fira_optax.fira` for the maths.
+
+    Returns:
+      A stateless `optax.GradientTransformation`.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        return map_nodes(dense_update, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -1,0 +1,48 @@
+"""Fira's norm-based scaling of the residual (the part of G outside the subspace)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from fira_optax._projection import map_nodes, rank_axis
+
+#: Added to ‖R‖ in φ = ‖N‖ / (‖R‖ + NORM_EPS), as in the official code.
+NORM_EPS = 1e-8
+
+
+def residual_scale(direction: jnp.ndarray, low_rank: jnp.ndarray, side: str) -> jnp.ndarray:
+    """`φ = ‖N‖ / (‖R‖ + 1e-8)` reduced over the rank (k) axis, shaped to broadcast on `G`.
+
+    Left side: `R` is `k×n`, φ is `1×n` (one factor per column of G); right side: `R` is `m×k`,
+    φ is `m×1` (one per row). This is the official "R's smaller dimension" rule on every shape
+    except a left projection with `k == n`, where the official code reduces the other axis
+    (and crashes unless the matrix is square); see the README's "Differences".
+    """
+    axis = rank_axis(side)
+    norm_n = jnp.linalg.norm(direction, axis=axis, keepdims=True)
+    norm_r = jnp.linalg.norm(low_rank, axis=axis, keepdims=True)
+    return norm_n / (norm_r + NORM_EPS)
+
+
+def norm_scale_residual() -> optax.GradientTransformation:
+    """Keeps the residual `S = φ ⊙ (G − α·back(R))`, scaled like the low-rank direction.
+
+    Must follow :func:`fira_optax.scale_by_low_rank_adam` (φ compares the direction `N` with
+    the low-rank gradient `R`). The residual is stored implicitly as φ in the
+    :class:`fira_optax.LowRankUpdate` node and materialized by `project_back`. Dense leaves
+    pass through. See :func:`fira_optax.fira` for the maths.
+
+    Returns:
+      A stateless `optax.GradientTransformation`.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        new = map_nodes(
+            lambda u: u.replace(residual_scale=residual_scale(u.direction, u.low_rank, u.side)),
+            updates,
+        )
+        return new, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
