@@ -21,7 +21,7 @@ from typing import Any, Union
 import jax
 import numpy as np
 
-ProjectedSpec = Union[None, str, Callable[[Any], Any], Any]
+ProjectedSpec = Union[None, str, Callable[[Any], Any], Any]  # noqa: UP007
 
 #: Key-path components (lower-cased) that the default rule never projects.
 EXCLUDED = re.compile(
@@ -33,6 +33,8 @@ def path_str(path: tuple[Any, ...]) -> str:
     """'/'-joined key path: `('layers', 0, 'attn', 'q_proj', 'kernel')` -> `layers/0/attn/...`."""
     parts = []
     for entry in path:
+        if isinstance(entry, jax.tree_util.GetAttrKey) and entry.name == "value":
+            continue  # flax nnx Variables: `.../kernel/value` reads as `.../kernel`
         for attr in ("key", "name", "idx"):
             if hasattr(entry, attr):
                 parts.append(str(getattr(entry, attr)))
@@ -88,8 +90,8 @@ def projected_mask(params: Any, projected: ProjectedSpec = None) -> Any:
         is_projected = bool(is_projected)
         if is_projected and _ndim(leaf) < 2:
             raise ValueError(
-                f"projected: leaf {path_str(path)!r} has shape {tuple(np.shape(leaf))}; only leaves "
-                "with at least two axes (a matrix, or a stack of matrices) can be projected."
+                f"projected: leaf {path_str(path)!r} has shape {tuple(np.shape(leaf))}; only "
+                "leaves with at least two axes (a matrix, or a stack of matrices) can be projected."
             )
         return is_projected
 
