@@ -1,0 +1,283 @@
+"""Training loop for the LLaMA pre-training example (AdamW, GaLore or Fira).
+
+``train_and_evaluate(config, workdir)`` builds the model and optimizer, trains for
+``config.num_train_steps`` optimizer updates and returns the final metrics. Along the way
+it writes
+
+* ``workdir/metrics.jsonl``: one JSON object per line, ``{"split": "train", ...}`` every
+  ``log_every`` steps (mean loss of the interval, lr, grad norm, tokens/s) and
+  ``{"split": "val", ...}`` every ``eval_every`` steps (loss, perplexity),
+* ``workdir/checkpoints/<step>``: Orbax checkpoints (model + optimizer state, which
+  includes the step) every ``checkpoint_every`` steps and at the end. Running again with
+  the same ``workdir`` resumes from the latest one; since a training batch is a pure
+  function of (seed, step) (see ``input_pipeline``), the resumed run reproduces the
+  uninterrupted one,
+* ``workdir/final_metrics.json``: what the function returns.
+
+The jitted step is functional: ``nnx.split`` turns ``(model, nnx.Optimizer)`` into a
+graph definition and one state pytree, the step merges them, accumulates gradients over
+``grad_accum_steps`` micro-batches with ``jax.lax.scan``, calls
+``optimizer.update(model, grads)`` and splits again. The state buffers are donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from examples.llama_pretrain import input_pipeline
+from examples.llama_pretrain.configs import OPTIMIZERS, Config
+from examples.llama_pretrain.model import Llama
+
+
+def make_schedule(config: Config) -> optax.Schedule:
+    """Linear warm-up over ``warmup_frac`` of training, then cosine to ``final_lr_frac``."""
+    peak = config.peak_lr
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=max(1, int(config.warmup_frac * config.num_train_steps)),
+        decay_steps=config.num_train_steps,
+        end_value=peak * config.final_lr_frac,
+    )
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """AdamW (``optax.adamw``) or GaLore / Fira (``fira_optax``) with the same schedule."""
+    schedule = make_schedule(config)
+    common = dict(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        tx = optax.adamw(schedule, **common)
+    elif config.optimizer in ("galore", "fira"):
+        import fira_optax as fo
+
+        low_rank = dict(
+            update_proj_gap=config.update_proj_gap,
+            scale=config.scale,
+            proj_type=config.proj_type,
+            **common,
+        )
+        if config.optimizer == "fira":
+            tx = fo.fira(schedule, config.rank, gamma=config.gamma, **low_rank)
+        else:
+            tx = fo.galore(schedule, config.rank, **low_rank)
+    else:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    if config.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+    return tx
+
+
+def loss_fn(model: Llama, tokens_BxL1: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over a batch of ``max_seq_len + 1`` windows."""
+    logits_BxLxV = model(tokens_BxL1[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, tokens_BxL1[:, 1:])
+    return losses.mean()
+
+
+def make_train_step(graphdef: nnx.GraphDef, schedule: optax.Schedule):
+    """Returns ``train_step(state, tokens_AxBxL1) -> (state, metrics)``, jitted."""
+
+    def train_step(state: nnx.State, tokens_AxBxL1: jax.Array):
+        model, optimizer = nnx.merge(graphdef, state)
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def micro_loss(params, tokens_BxL1):
+            return loss_fn(nnx.merge(model_def, params, rest), tokens_BxL1)
+
+        def accumulate(carry, tokens_BxL1):
+            loss_sum, grad_sum = carry
+            loss, grads = jax.value_and_grad(micro_loss)(params, tokens_BxL1)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), tokens_AxBxL1)
+        num_micro = tokens_AxBxL1.shape[0]
+        grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
+        step = optimizer.step[...]
+        optimizer.update(model, grads)
+        metrics = {
+            "loss": loss_sum / num_micro,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(step),
+        }
+        return nnx.state((model, optimizer)), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+    @jax.jit
+    def eval_step(state: nnx.State, tokens_BxL1: jax.Array) -> jax.Array:
+        model, _ = nnx.merge(graphdef, state)
+        return loss_fn(model, tokens_BxL1)
+
+    return eval_step
+
+
+def evaluate(eval_step, state, dataset, config: Config) -> dict[str, float]:
+    losses = [float(eval_step(state, batch)) for batch in dataset.val_batches(config)]
+    loss = float(np.mean(losses))
+    return {"loss": loss, "perplexity": float(np.exp(loss))}
+
+
+def tree_nbytes(tree: Any) -> int:
+    return int(sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(tree)))
+
+
+class MetricsWriter:
+    """Appends JSON lines to ``workdir/metrics.jsonl`` (dropping rows past a resume point)."""
+
+    def __init__(self, path: pathlib.Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _checkpoint_manager(workdir: pathlib.Path, config: Config) -> ocp.CheckpointManager | None:
+    if config.checkpoint_every <= 0:
+        return None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.max_checkpoints_to_keep,
+        create=True,
+        # Synchronous saves: the step donates its input buffers right after a save.
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+
+
+def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns metrics."""
+    t_start = time.perf_counter()
+    workdir = pathlib.Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    dataset = input_pipeline.load_dataset(config)
+    if dataset.vocab_size != config.vocab_size:
+        config = dataclasses.replace(config, vocab_size=dataset.vocab_size)
+    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    model = Llama(config, rngs=nnx.Rngs(config.seed))
+    params = nnx.state(model, nnx.Param)
+    num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    print(
+        f"{config.optimizer}: {num_params / 1e6:.2f}M params, "
+        f"{len(dataset.train_tokens) / 1e6:.2f}M train / {len(dataset.val_tokens) / 1e6:.2f}M "
+        f"val tokens from {dataset.num_documents} documents"
+    )
+    if config.optimizer in ("galore", "fira"):
+        import fira_optax as fo
+
+        print(fo.describe_projection(nnx.as_pure(params), config.rank, proj_type=config.proj_type))
+
+    tx = make_optimizer(config)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    opt_state_bytes = tree_nbytes(optimizer.opt_state)
+    graphdef, state = nnx.split((model, optimizer))
+    del model, optimizer, params
+
+    manager = _checkpoint_manager(workdir, config)
+    start_step = 0
+    if manager is not None and manager.latest_step() is not None:
+        start_step = manager.latest_step()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state = manager.restore(start_step, args=ocp.args.StandardRestore(abstract))
+        print(f"Resumed from {workdir / 'checkpoints'} at step {start_step}")
+
+    train_step = make_train_step(graphdef, make_schedule(config))
+    eval_step = make_eval_step(graphdef)
+    writer = MetricsWriter(workdir / "metrics.jsonl", start_step)
+
+    step_times: list[float] = []
+    compile_s = float("nan")
+    interval_losses: list[float] = []
+    val: dict[str, float] = {}
+    train_loss = float("nan")
+    bar = tqdm(
+        range(start_step, config.num_train_steps),
+        initial=start_step,
+        total=config.num_train_steps,
+        desc=config.optimizer,
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        batch = dataset.train_batch(config, step)
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        loss = float(metrics["loss"])  # Blocks until the step is done.
+        dt = time.perf_counter() - t0
+        if step == start_step:
+            compile_s = dt
+        else:
+            step_times.append(dt)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"Loss is {loss} at step {step}")
+        interval_losses.append(loss)
+        done = step + 1
+        tokens_per_s = config.tokens_per_step / dt
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+
+        if done % config.log_every == 0 or done == config.num_train_steps:
+            train_loss = float(np.mean(interval_losses))
+            interval_losses = []
+            writer.write(
+                {
+                    "step": done,
+                    "split": "train",
+                    "loss": train_loss,
+                    "lr": float(metrics["lr"]),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "tokens_per_s": tokens_per_s,
+                }
+            )
+        if done % config.eval_every == 0 or done == config.num_train_steps:
+            val = evaluate(eval_step, state, dataset, config)
+            writer.write({"step": done, "split": "val", **val})
+            bar.write(f"step {done}: val loss {val['loss']:.4f}, ppl {val['perplexity']:.2f}")
+        if manager is not None and (
+            done % config.checkpoint_every == 0 or done == config.num_train_steps
+        ):
+            manager.save(done, args=ocp.args.StandardSave(state))
+    bar.close()
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+
+    if not val:  # Nothing left to train (resumed at the end): evaluate once.
+        val = evaluate(eval_step, state, dataset, config)
+    mean_step_s = float(np.mean(step_times)) if step_times else float("nan")
+    result = {
+        "optimizer": config.optimizer,
+        "step": config.num_train_steps,
+        "final_train_loss": train_loss,
+        "final_val_loss": val["loss"],
+        "final_val_perplexity": val["perplexity"],
+        "num_params": num_params,
+        "opt_state_bytes": opt_state_bytes,
+        "mean_step_ms": 1e3 * mean_step_s,
+        "tokens_per_s": config.tokens_per_step / mean_step_s if step_times else float("nan"),
+        "first_step_s": compile_s,
+        "total_time_s": time.perf_counter() - t_start,
+    }
+    (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+    return result
