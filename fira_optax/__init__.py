@@ -23,6 +23,7 @@ from fira_optax._projection import LowRankUpdate as LowRankUpdate
 from fira_optax._projection import ProjectState as ProjectState
 from fira_optax._projection import project as project
 from fira_optax._residual import norm_scale_residual as norm_scale_residual
+from fira_optax._sharding import optimizer_state_shardings as optimizer_state_shardings
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "galore",
     "limit_norm_growth",
     "norm_scale_residual",
+    "optimizer_state_shardings",
     "project",
     "project_back",
     "projected_mask",
