@@ -229,7 +229,7 @@ def test_fused_residual_matches_explicit_formula():
         v = 0.001 * r**2
         n = m / (np.sqrt(v) + 1e-6)
         left = u.side == "left"
-        back = (lambda x: p @ x) if left else (lambda x: x @ p)
+        back = (lambda x, p=p: p @ x) if left else (lambda x, p=p: x @ p)
         axis = 0 if left else 1
         phi = np.linalg.norm(n, axis=axis, keepdims=True) / (
             np.linalg.norm(r, axis=axis, keepdims=True) + 1e-8
