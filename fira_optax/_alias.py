@@ -108,7 +108,10 @@ def scale_by_learning_rate_and_decay(
             new = jax.tree.map(lambda u: (-lr * u.astype(jnp.float32)).astype(u.dtype), updates)
         else:
             if params is None:
-                raise ValueError(optax.NO_PARAMS_MSG)
+                raise ValueError(
+                    "fira/galore with weight_decay need the params: call "
+                    "tx.update(grads, state, params)."
+                )
             wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
             wd = jnp.asarray(wd, jnp.float32)
 

@@ -244,9 +244,9 @@ def project(
             expected = basis_shape(grad.shape, rank, side)
             if basis.shape != expected:
                 raise ValueError(
-                    f"project: leaf {_masks.path_str(path)} has shape {grad.shape}, which needs a "
-                    f"basis of shape {expected}, but the state holds {basis.shape}: the state was "
-                    "initialised for different params."
+                    f"project: leaf {_masks.path_str(path)!r} has shape {grad.shape}, which "
+                    f"needs a basis of shape {expected}, but the state holds {basis.shape}: "
+                    "the state was initialised for different params."
                 )
             k = expected[-1] if side == LEFT else expected[-2]
             leaf_key = jax.random.fold_in(key, index)
