@@ -17,12 +17,15 @@ it writes
 The jitted step is functional: ``nnx.split`` turns ``(model, nnx.Optimizer)`` into a
 graph definition and one state pytree, the step merges them, accumulates gradients over
 ``grad_accum_steps`` micro-batches with ``jax.lax.scan``, calls
-``optimizer.update(model, grads)`` and splits again. The state buffers are donated.
+``optimizer.update(model, grads)`` and splits again. The state buffers are donated. The
+jitted steps are cached per (graph, config), so a second run of the same config in one
+process (a resume, the tests) does not recompile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -53,8 +56,13 @@ def make_schedule(config: Config) -> optax.Schedule:
     )
 
 
+@functools.lru_cache(maxsize=16)
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """AdamW (``optax.adamw``) or GaLore / Fira (``fira_optax``) with the same schedule."""
+    """AdamW (``optax.adamw``) or GaLore / Fira (``fira_optax``) with the same schedule.
+
+    Cached per config: runs of one config in one process share the transformation, hence
+    an equal ``nnx`` graph definition and the compiled steps of ``compiled_steps``.
+    """
     schedule = make_schedule(config)
     common = dict(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
@@ -109,7 +117,7 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: optax.Schedule):
         optimizer.update(model, grads)
         metrics = {
             "loss": loss_sum / num_micro,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(step),
         }
         return nnx.state((model, optimizer)), metrics
@@ -124,6 +132,22 @@ def make_eval_step(graphdef: nnx.GraphDef):
         return loss_fn(model, tokens_BxL1)
 
     return eval_step
+
+
+def create_train_state(config: Config) -> tuple[nnx.GraphDef, nnx.State]:
+    """Initial ``(graphdef, state)`` of ``(model, nnx.Optimizer)``, committed to a device."""
+    model = Llama(config, rngs=nnx.Rngs(config.seed))
+    optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    # Commit the state to a device, as a restored checkpoint is: jit keys its cache on
+    # committed-ness, so a resumed run reuses the step compiled by an earlier run.
+    return graphdef, jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_steps(graphdef: nnx.GraphDef, config: Config):
+    """(train_step, eval_step) for a graph and config, reused by later runs in-process."""
+    return make_train_step(graphdef, make_schedule(config)), make_eval_step(graphdef)
 
 
 def evaluate(eval_step, state, dataset, config: Config) -> dict[str, float]:
@@ -177,9 +201,12 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
         config = dataclasses.replace(config, vocab_size=dataset.vocab_size)
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
-    model = Llama(config, rngs=nnx.Rngs(config.seed))
-    params = nnx.state(model, nnx.Param)
+    graphdef, state = create_train_state(config)
+    model, optimizer = nnx.merge(graphdef, state)  # Views, for reporting only.
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
     num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    opt_state_bytes = tree_nbytes(optimizer.opt_state)
+    del model, optimizer
     print(
         f"{config.optimizer}: {num_params / 1e6:.2f}M params, "
         f"{len(dataset.train_tokens) / 1e6:.2f}M train / {len(dataset.val_tokens) / 1e6:.2f}M "
@@ -188,13 +215,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
     if config.optimizer in ("galore", "fira"):
         import fira_optax as fo
 
-        print(fo.describe_projection(nnx.as_pure(params), config.rank, proj_type=config.proj_type))
-
-    tx = make_optimizer(config)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    opt_state_bytes = tree_nbytes(optimizer.opt_state)
-    graphdef, state = nnx.split((model, optimizer))
-    del model, optimizer, params
+        print(fo.describe_projection(params, config.rank, proj_type=config.proj_type))
 
     manager = _checkpoint_manager(workdir, config)
     start_step = 0
@@ -204,8 +225,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
         state = manager.restore(start_step, args=ocp.args.StandardRestore(abstract))
         print(f"Resumed from {workdir / 'checkpoints'} at step {start_step}")
 
-    train_step = make_train_step(graphdef, make_schedule(config))
-    eval_step = make_eval_step(graphdef)
+    train_step, eval_step = compiled_steps(graphdef, config)
     writer = MetricsWriter(workdir / "metrics.jsonl", start_step)
 
     step_times: list[float] = []
