@@ -1,0 +1,263 @@
+"""Run the official PyTorch Fira / GaLore AdamW on given gradient sequences.
+
+The official packages (``fira==1.0.2``, ``galore-torch==1.0``) are installed with ``--no-deps``.
+They import two modules they never use on the code paths exercised here:
+
+* ``transformers.utils.versions.require_version`` (a version assertion) -- stubbed as a no-op;
+* ``bitsandbytes.optim.optimizer.Optimizer2State`` (imported at module level by
+  ``galore_torch/adamw8bit.py`` through ``galore_torch/__init__.py``) -- stubbed as an empty
+  ``torch.optim.Optimizer`` subclass.
+
+Stubs are installed into ``sys.modules`` only when the real package cannot be imported.
+
+SVD sign convention
+-------------------
+Singular vectors are unique only up to sign (for distinct singular values). To compare two
+implementations, both must pick the same sign. The convention shared with ``fira_optax`` and
+``tests/_numpy_reference.py`` is: each *kept basis vector* (a column of P = U[:, :k] for a left
+projection, a row of P = Vh[:k] for a right projection) is multiplied by the sign of its entry of
+largest magnitude (the first such entry on ties; a zero sign counts as +1).
+
+:func:`sign_canonical_svd` monkeypatches ``torch.linalg.svd`` so that it flips column j of U by
+the sign of U[:, j]'s largest-magnitude entry AND, separately, row j of Vh by the sign of
+Vh[j]'s largest-magnitude entry. U and Vh then no longer jointly reconstruct the input
+(U diag(S) Vh != A in general), but the official projectors only ever use ONE of them per
+projection (U for "left", Vh for "right"), so each basis is canonical and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import sys
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "canonicalize_svd",
+    "install_stubs",
+    "make_official_optimizer",
+    "run_official",
+    "sign_canonical_svd",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Stubs for the unused imports of the official packages
+# --------------------------------------------------------------------------------------
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _new_module(name: str, **attrs) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    mod.__dict__.update(attrs)
+    sys.modules[name] = mod
+    return mod
+
+
+def install_stubs() -> None:
+    """Install minimal ``transformers`` / ``bitsandbytes`` stubs if they are not importable."""
+    if "transformers.utils.versions" not in sys.modules and not _module_available("transformers"):
+
+        def require_version(requirement: str, hint: str | None = None) -> None:  # noqa: ARG001
+            return None
+
+        versions = _new_module("transformers.utils.versions", require_version=require_version)
+        utils = _new_module("transformers.utils", versions=versions)
+        _new_module("transformers", utils=utils, __path__=[])
+        utils.__path__ = []
+
+    if "bitsandbytes.optim.optimizer" not in sys.modules and not _module_available("bitsandbytes"):
+
+        class Optimizer2State(torch.optim.Optimizer):
+            """Placeholder: GaLoreAdamW8bit subclasses it at import time; never instantiated."""
+
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("bitsandbytes is stubbed out in the tests")
+
+        optimizer = _new_module("bitsandbytes.optim.optimizer", Optimizer2State=Optimizer2State)
+        optim = _new_module("bitsandbytes.optim", optimizer=optimizer, __path__=[])
+        _new_module("bitsandbytes", optim=optim, __path__=[])
+
+
+install_stubs()
+
+from fira import FiraAdamW  # noqa: E402
+from galore_torch import GaLoreAdamW  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------
+# Sign-canonical SVD
+# --------------------------------------------------------------------------------------
+def _sign_of_largest(x: torch.Tensor, dim: int) -> torch.Tensor:
+    # torch.argmax returns the first maximal index on ties (documented behaviour).
+    idx = x.abs().argmax(dim=dim, keepdim=True)
+    s = torch.sign(torch.gather(x, dim, idx))
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def canonicalize_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor):
+    """Flip columns of U and rows of Vh *independently* (see module docstring)."""
+    U = U * _sign_of_largest(U, dim=-2)  # sign per column, broadcast over rows
+    Vh = Vh * _sign_of_largest(Vh, dim=-1)  # sign per row, broadcast over columns
+    return U, S, Vh
+
+
+@contextlib.contextmanager
+def sign_canonical_svd(compute_dtype: torch.dtype | None = None):
+    """Temporarily replace ``torch.linalg.svd`` with a sign-canonical version.
+
+    ``compute_dtype`` (e.g. ``torch.float64``): compute the SVD in that dtype and return it in
+    that dtype. The official ``get_orthogonal_matrix`` downcasts non-float32 gradients to
+    float32 before the SVD and casts the basis back with ``.type(original_type)``, so with
+    float64 parameters and float32-representable gradients (as in these tests, where the
+    downcast is exact) this makes the whole official run float64.
+    """
+    original = torch.linalg.svd
+
+    def svd(A, full_matrices=True, *, driver=None, out=None):
+        if out is not None:
+            raise NotImplementedError("out= is not supported by the test wrapper")
+        if compute_dtype is not None:
+            A = A.to(compute_dtype)
+        U, S, Vh = original(A, full_matrices=full_matrices, driver=driver)
+        # NOTE: U and Vh are canonicalised separately, so U @ diag(S) @ Vh != A in general.
+        # The official projectors use only one of them per projection, so this is harmless.
+        return canonicalize_svd(U, S, Vh)
+
+    torch.linalg.svd = svd
+    try:
+        yield
+    finally:
+        torch.linalg.svd = original
+
+
+# --------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------
+def make_official_optimizer(
+    kind: str,
+    params: Mapping[str, torch.nn.Parameter],
+    *,
+    rank: int,
+    update_proj_gap: int,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    projected: Iterable[str] = (),
+    lr: float = 1e-3,
+) -> torch.optim.Optimizer:
+    """Build the official optimizer with a plain group and a low-rank (``rank``) group."""
+    projected = set(projected)
+    unknown = projected - set(params)
+    if unknown:
+        raise KeyError(f"projected names not in params: {sorted(unknown)}")
+    if kind == "fira":
+        cls, scale_key = FiraAdamW, "alpha"
+    elif kind == "galore":
+        cls, scale_key = GaLoreAdamW, "scale"
+    else:
+        raise ValueError(f"kind must be 'fira' or 'galore', got {kind!r}")
+    plain = [p for name, p in params.items() if name not in projected]
+    lowrank = [p for name, p in params.items() if name in projected]
+    groups = []
+    if plain:
+        groups.append({"params": plain})
+    if lowrank:
+        groups.append(
+            {
+                "params": lowrank,
+                "rank": rank,
+                "update_proj_gap": update_proj_gap,
+                scale_key: scale,
+                "proj_type": proj_type,
+            }
+        )
+    return cls(
+        groups,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        correct_bias=True,
+        no_deprecation_warning=True,
+    )
+
+
+def run_official(
+    kind: str,
+    w0: Mapping[str, np.ndarray],
+    grads: Sequence[Mapping[str, np.ndarray]],
+    lrs: Sequence[float],
+    *,
+    rank: int,
+    update_proj_gap: int,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    projected: Iterable[str] = (),
+    dtype: torch.dtype = torch.float32,
+    svd_dtype: torch.dtype | None = None,
+    on_step: Callable[[int, torch.optim.Optimizer, dict[str, torch.nn.Parameter]], None]
+    | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Run the official ``kind`` optimizer; return the weights after each step.
+
+    ``grads[t][name]`` is assigned to ``param.grad`` (no autograd); ``lrs[t]`` is written into
+    every param group before step ``t``. Names in ``projected`` go into the low-rank group
+    (Fira's scale key is ``alpha``, GaLore's is ``scale``); the rest into a plain AdamW group.
+    ``on_step(t, optimizer, params)`` is called after each step (t from 0) for inspection,
+    e.g. of ``optimizer.state[params[name]]["scaling_grad"]`` (Fira's limiter memory).
+    ``dtype`` is the parameter/gradient dtype; ``svd_dtype`` see :func:`sign_canonical_svd`
+    (``dtype=torch.float64, svd_dtype=torch.float64`` gives an all-float64 official run).
+    """
+    if len(grads) != len(lrs):
+        raise ValueError(f"{len(grads)} gradients but {len(lrs)} learning rates")
+    params = {
+        name: torch.nn.Parameter(torch.tensor(np.asarray(w), dtype=dtype)) for name, w in w0.items()
+    }
+    opt = make_official_optimizer(
+        kind,
+        params,
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        projected=projected,
+        lr=float(lrs[0]) if len(lrs) else 1e-3,
+    )
+    history: list[dict[str, np.ndarray]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threading only adds overhead / contention
+    try:
+        with sign_canonical_svd(svd_dtype):
+            for t, (g, lr) in enumerate(zip(grads, lrs, strict=True)):
+                lr = float(lr)
+                if not math.isfinite(lr) or lr < 0:
+                    raise ValueError(f"bad learning rate at step {t}: {lr}")
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                for name, p in params.items():
+                    p.grad = torch.tensor(np.asarray(g[name]), dtype=dtype)
+                opt.step()
+                if on_step is not None:
+                    on_step(t, opt, params)
+                history.append({n: p.detach().numpy().copy() for n, p in params.items()})
+    finally:
+        torch.set_num_threads(threads)
+    return history
