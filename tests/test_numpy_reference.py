@@ -26,9 +26,11 @@ from _official import run_official
 STEPS = 24
 GAP = 6
 SEED = 1
-# ours (float32) vs the float64 reference. Our float32 SVDs of these gradients differ from the
-# float64 ones by up to ~1e-5 (see the official-vs-f64 column of tests/test_parity.py), so 2e-5.
-TOL_OURS = 2e-5
+# ours (float32) vs the float64 reference: any float32 implementation sits ~1e-5 away (the
+# official float32 code reaches 2.7e-5 against the reference in tests/test_parity.py, 2.1e-5 on
+# one matrix of the batched problem below), so 5e-5 -- half the float32-vs-float32 parity bound.
+TOL_OURS = 5e-5
+TOL_OFFICIAL = 1e-4  # as in tests/test_parity.py
 # official run entirely in float64 (see _official.sign_canonical_svd) vs the reference.
 TOL_OFFICIAL_F64 = 1e-9
 
@@ -102,6 +104,56 @@ def test_batched_leaves(kind, proj_type, rank, scale):
     _check(
         f"batched-{kind}-{proj_type}-r{rank}-a{scale:g}", relative_errors(ours, ref, w0), TOL_OURS
     )
+
+
+@pytest.mark.parametrize(
+    "kind,proj_type,rank,scale",
+    [
+        pytest.param(
+            k,
+            p,
+            r,
+            a,
+            id=f"{k}-{p}-r{r}-a{a:g}",
+            marks=_xfail_if(
+                any(
+                    hits_limiter_norm_issue(k, s, p, r, a)
+                    for s in list(BATCHED_SHAPES.values())[:3]
+                )
+            ),
+        )
+        for k, p, r, a in BATCHED
+    ],
+)
+def test_batched_leaves_match_official_per_matrix(kind, proj_type, rank, scale):
+    """Each matrix of a stacked leaf == the official optimizer run on that matrix alone."""
+    w0, grads = make_problem(BATCHED_SHAPES, STEPS, SEED, spike=(9, 20.0))
+    projected = {"stack", "stack4d", "mat"}
+    hyper = _hyper(rank, proj_type, projected, scale=scale, weight_decay=0.05)
+    lr = 1e-2
+    ours = run_ours(kind, w0, grads, lr, **hyper)
+
+    def split(tree):
+        out = {}
+        for name, x in tree.items():
+            if name in projected and x.ndim > 2:
+                for i, mat in enumerate(x.reshape(-1, *x.shape[-2:])):
+                    out[f"{name}[{i}]"] = mat
+            else:
+                out[name] = x
+        return out
+
+    w0_split = split(w0)
+    proj_split = {n for n in w0_split if n.split("[")[0] in projected}
+    official = run_official(
+        kind,
+        w0_split,
+        [split(g) for g in grads],
+        learning_rates(lr, STEPS),
+        **(hyper | {"projected": proj_split}),
+    )
+    case_id = f"batched-vs-official-{kind}-{proj_type}-r{rank}-a{scale:g}"
+    _check(case_id, relative_errors([split(w) for w in ours], official, w0_split), TOL_OFFICIAL)
 
 
 def test_batched_matrices_are_independent():
