@@ -14,8 +14,12 @@ each call). Every timing is `block_until_ready`-ed and measured after a warm-up.
 Rounds are interleaved: in each round every optimizer runs once, so background load hits all
 of them alike and the ratios stay meaningful on a shared machine.
 
-* non-refresh steps: `update_proj_gap` huge, the state already past its first (refresh) step;
-* refresh steps: `update_proj_gap=1`, so every step recomputes the bases (SVD or randomized);
+* every optimizer is built once with `update_proj_gap=200` (one executable per optimizer);
+* non-refresh steps: the state is past its first (refresh) step and its step counters never
+  reach a multiple of 200;
+* refresh steps: before each (untimed), every step counter of the state is set to the next
+  multiple of 200, so the same executable takes its refresh branch (SVD or randomized); for
+  the official optimizer, `state["step"]` of every parameter is set likewise;
 * amortized at gap 200: `(199 · non_refresh + refresh) / 200`.
 
 Usage::
@@ -126,17 +130,33 @@ def make_tree(size: Size, seed: int = 0) -> dict[str, jax.Array]:
 
 
 class JaxRunner:
-    """One jitted, donating update of one optimizer; `step()` returns seconds."""
+    """One jitted, donating update of one optimizer (gap `GAP`); `step()` returns seconds.
+
+    `step(refresh=True)` first sets every int32 step counter of the state to the next multiple
+    of `GAP` (outside the timed region), so that the *same* executable takes the refresh branch.
+    """
 
     def __init__(self, tx: optax.GradientTransformation, params, grads, warmup: int):
         self.params = params
         self.grads = grads
         self.state = jax.jit(tx.init)(params)
         self.update = jax.jit(tx.update, donate_argnums=(0, 1))
-        for _ in range(warmup):
+        self.refreshes = 0
+        for _ in range(warmup):  # The first step (count 0) refreshes; later ones do not.
             self.step()
 
-    def step(self) -> float:
+    def _set_counts(self, value: int) -> None:
+        def fix(x):
+            if x.ndim == 0 and x.dtype == jnp.int32:
+                return jnp.full_like(x, value)
+            return x
+
+        self.state = jax.block_until_ready(jax.tree.map(fix, self.state))
+
+    def step(self, refresh: bool = False) -> float:
+        if refresh:
+            self.refreshes += 1
+            self._set_counts(GAP * self.refreshes)
         g = jax.tree.map(jnp.copy, self.grads)
         jax.block_until_ready(g)
         t0 = time.perf_counter()
@@ -150,7 +170,7 @@ class JaxRunner:
 
 
 class TorchRunner:
-    def __init__(self, kind: str, size: Size, gap: int, warmup: int, seed: int = 0):
+    def __init__(self, kind: str, size: Size, warmup: int, seed: int = 0):
         import torch
 
         rng = np.random.default_rng(seed)
@@ -168,7 +188,7 @@ class TorchRunner:
             group = {
                 "params": self.params,
                 "rank": size.rank,
-                "update_proj_gap": gap,
+                "update_proj_gap": GAP,
                 "alpha": SCALE,
                 "proj_type": "std",
             }
@@ -178,9 +198,13 @@ class TorchRunner:
         for _ in range(warmup):
             self.step()
 
-    def step(self) -> float:
+    def step(self, refresh: bool = False) -> float:
         import torch
 
+        if refresh:  # The official projector refreshes when state["step"] % gap == 0.
+            self.refreshes = getattr(self, "refreshes", 0) + 1
+            for p in self.params:
+                self.opt.state[p]["step"] = GAP * self.refreshes
         with torch.no_grad():
             t0 = time.perf_counter()
             self.opt.step()
@@ -191,21 +215,23 @@ class TorchRunner:
 # Measurement.
 
 
-def interleaved(runners: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+def interleaved(
+    runners: dict[str, Any], rounds: int, refresh: bool = False
+) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
-            times[name].append(runner.step())
+            times[name].append(runner.step(refresh=refresh) if refresh else runner.step())
     return times
 
 
-def build(builders: dict[str, Callable[[], Any]], label: str) -> dict[str, Any]:
+def build(builders: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     """Builds (compiles + warms up) each runner, printing how long each took."""
     runners = {}
     for name, make in builders.items():
         t0 = time.perf_counter()
         runners[name] = make()
-        print(f"  {label}: built + warmed {name} in {time.perf_counter() - t0:.1f}s", flush=True)
+        print(f"  built + warmed {name} in {time.perf_counter() - t0:.1f}s", flush=True)
     return runners
 
 
@@ -265,29 +291,20 @@ def bench_size(size: Size, args) -> str:
 
         torch.set_num_threads(args.threads)
 
-    # Non-refresh runners.
     builders: dict[str, Callable[[], Any]] = {
         name: (lambda tx=tx: JaxRunner(tx, params, grads, args.warmup))
-        for name, tx in jax_optimizers(size.rank, HUGE_GAP).items()
+        for name, tx in jax_optimizers(size.rank, GAP).items()
     }
     if use_torch:
-        builders["official FiraAdamW"] = lambda: TorchRunner("fira", size, HUGE_GAP, args.warmup)
-        builders["torch.AdamW"] = lambda: TorchRunner("torch.AdamW", size, HUGE_GAP, args.warmup)
-    runners = build(builders, "non-refresh")
+        builders["official FiraAdamW"] = lambda: TorchRunner("fira", size, args.warmup)
+        builders["torch.AdamW"] = lambda: TorchRunner("torch.AdamW", size, args.warmup)
+    runners = build(builders)
+    # Non-refresh steps: counts stay far from a multiple of GAP (rounds + warmup < GAP).
     steady = interleaved(runners, args.rounds)
-    del runners
-
-    # Refresh runners (update_proj_gap=1: every step refreshes).
-    builders = {
-        name: (lambda tx=tx: JaxRunner(tx, params, grads, 1))
-        for name, tx in jax_optimizers(size.rank, 1).items()
-        if name in REFRESHING
-    }
-    if use_torch:
-        builders["official FiraAdamW"] = lambda: TorchRunner("fira", size, 1, 1)
-    refresh_runners = build(builders, "refresh")
-    refresh = interleaved(refresh_runners, args.refresh_rounds)
-    del refresh_runners
+    # Refresh steps: the same executables, counts set to a multiple of GAP before each step.
+    refreshing = {n: r for n, r in runners.items() if n in REFRESHING + ("official FiraAdamW",)}
+    refresh = interleaved(refreshing, args.refresh_rounds, refresh=True)
+    del runners, refreshing
     print("  " + load_line(), flush=True)
 
     names = list(steady)
@@ -457,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.rounds, args.warmup = "smoke", 3, 1
+    if args.rounds + args.warmup >= GAP:
+        parser.error(f"--rounds + --warmup must stay below the gap {GAP}")
     if args.refresh_rounds is None:
         args.refresh_rounds = args.rounds
     if args.threads is None:
