@@ -210,6 +210,12 @@ def analytic() -> str:
                 gb(n_params + counts["fo.fira"]),
                 gb(n_params + counts["optax.contrib.galore"]),
                 f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "-",
+                (
+                    f"{2 * (n_params + counts['optax.adamw']) / 1e9 / paper[0]:.2f} / "
+                    f"{2 * (n_params + counts['fo.fira']) / 1e9 / paper[1]:.2f}"
+                    if paper
+                    else "-"
+                ),
                 f"{f32['fo.fira'] / 1e9:.2f}",
                 f"{f32['optax.adamw'] / 1e9:.2f}",
                 f"{counts['fo.fira'] / counts['optax.adamw']:.3f}",
@@ -224,6 +230,7 @@ def analytic() -> str:
         "fo.fira / fo.galore GB (bf16)",
         "optax.contrib.galore GB (bf16)",
         "paper full / low-rank GB",
+        "ours / paper (full / fira)",
         "fo.fira state GB (as implemented, f32)",
         "optax.adamw state GB (f32)",
         "fira state / adamw state",
@@ -240,7 +247,11 @@ def analytic() -> str:
             "the smaller side, moments keep the larger side) k·min(m,n) + 2·k·max(m,n) "
             "(+1 limiter norm for Fira); optax.contrib.galore projects the larger side: "
             "k·max(m,n) + 2·k·min(m,n). Non-projected leaves (embedding, head, norms): 2·numel. "
-            "fo.fira stores every state in float32 (mu_dtype can lower the first moment).",
+            "fo.fira stores every state in float32 (mu_dtype can lower the first moment). "
+            "The papers' numbers are rough estimates: the full-rank column matches them to "
+            "within 3–7% (they are ≈ 6 bytes × the nominal parameter count); the "
+            "low-rank column is 9–18% above them, most at 60M/130M, where the untied 32000-row "
+            "embedding and head (57% of the parameters) keep full Adam states here.",
         ]
     )
 
