@@ -9,10 +9,14 @@ import jax.numpy as jnp
 import optax
 
 from fira_optax import _masks
-from fira_optax._projection import check_hyperparams, is_low_rank, rank_axis
+from fira_optax._projection import back_matrix, check_hyperparams, is_low_rank, rank_axis
 
 #: Added to the remembered norm in the growth ratio, as in the official code.
 LIMITER_EPS = 1e-8
+
+#: Below this fraction of `Σ φ²‖G_i‖²` the fast residual norm falls back to the exact one.
+#: At the threshold the fast norm's float32 round-off is ≲ 1e-4 of ‖S‖² (≲ 5e-5 of ‖S‖).
+CANCELLATION = 1e-2
 
 
 class LimitNormGrowthState(NamedTuple):
@@ -30,22 +34,36 @@ class LimitNormGrowthState(NamedTuple):
 
 
 def residual_norm(u: Any) -> jax.Array:
-    """`‖S‖_F` of the implicit residual `S = φ ⊙ (G − α P-back(R))`, without building `S`.
+    """`‖S‖_F` of the implicit residual `S = φ ⊙ (G − α·back(R))`, per matrix.
 
-    Along the axis φ is shared over (rows for the right side, columns for the left side), with
-    `G_i = back(R_i) + E_i` and `E_i ⊥` the subspace:
-    `‖G_i − α back(R_i)‖² = (‖G_i‖² − ‖R_i‖²) + (1 − α)² ‖R_i‖²`, exact for an orthonormal
-    basis. It needs one reduction over G instead of a third m×n×k matmul. The first term
-    cancels when G lies almost inside the subspace; its float32 error is ~1e-7·‖G_i‖², so the
-    norm is accurate whenever the out-of-subspace energy is above ~1e-4 of G's (it is clamped at
-    zero below). Only the limiter's ratio sees this norm.
+    Fast path, without building `S`: along the axis φ is shared over (rows for the right side,
+    columns for the left side), with `G_i = back(R_i) + E_i` and `E_i ⊥` the subspace,
+    `‖G_i − α·back(R_i)‖² = (‖G_i‖² − ‖R_i‖²) + (1 − α)²‖R_i‖²` (exact for an orthonormal
+    basis): one reduction over G instead of a third m×n×k matmul.
+
+    The first term cancels when G lies (almost) inside the subspace — e.g. on a refresh step
+    when the rank keeps a whole side of the matrix — and its float32 round-off (~1e-7·‖G_i‖²)
+    would then dominate. When the fast `‖S‖²` is below `CANCELLATION` × `Σ φ²‖G_i‖²` for any
+    matrix of the leaf, the exact norm of the explicit `S` is computed instead (under
+    `lax.cond`, so the extra matmul runs only on such steps).
     """
     axis = rank_axis(u.side)
-    g_sq = jnp.sum(jnp.square(u.grad.astype(jnp.float32)), axis=axis, keepdims=True)
+    grad = u.grad.astype(jnp.float32)
+    phi_sq = jnp.square(u.residual_scale)
+    g_sq = jnp.sum(jnp.square(grad), axis=axis, keepdims=True)
     r_sq = jnp.sum(jnp.square(u.low_rank), axis=axis, keepdims=True)
     outside = jnp.maximum(g_sq - r_sq, 0.0)
     inside = jnp.square(1.0 - u.scale) * r_sq
-    return jnp.sqrt(jnp.sum(jnp.square(u.residual_scale) * (outside + inside), axis=(-2, -1)))
+    fast_sq = jnp.sum(phi_sq * (outside + inside), axis=(-2, -1))
+    scale_sq = jnp.sum(phi_sq * g_sq, axis=(-2, -1))
+
+    def exact():
+        back = u.scale * back_matrix(u.low_rank, u.basis, u.side)
+        residual = u.residual_scale * (grad - back)
+        return jnp.sqrt(jnp.sum(jnp.square(residual), axis=(-2, -1)))
+
+    cancels = jnp.any(fast_sq < CANCELLATION * scale_sq)
+    return jax.lax.cond(cancels, exact, lambda: jnp.sqrt(fast_sq))
 
 
 def limit_norm_growth(

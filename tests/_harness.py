@@ -210,31 +210,3 @@ def relative_errors(
         )
         out[name] = float(err / disp)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Known library deviation (reported; marked xfail(strict=True) so a fix turns it into XPASS).
-# fira_optax._limiter.residual_norm computes ||S|| from ||G_i||^2 - ||R_i||^2 (no back(R)
-# matmul). When G lies exactly in span(P) -- every refresh step of a Fira leaf with alpha = 1
-# and k equal to the full dimension on the projected side of a non-square matrix (left: k = n
-# < m; right: k = m < n) -- the true ||S|| is ~1e-7 ||G|| (float32 rounding; 0 in exact
-# arithmetic) but the cancellation leaves ~sqrt(1e-7) ||G|| ~ 3e-4 ||G||. The limiter memory
-# g is therefore ~600x too large after step 1 and caps the (now genuine) residual of the
-# following steps at ~600x the official value: ~1e-4 relative weight error after 24 steps.
-# Replacing residual_norm by the exact ||phi * (G - alpha back(R))|| brings these cases to
-# <= 1e-5.
-LIMITER_NORM_ISSUE = (
-    "fira_optax limiter: residual_norm's ||G||^2-||R||^2 cancellation inflates the limiter "
-    "memory when G lies in span(P) (alpha=1, k = full dim on the projected side, non-square)"
-)
-
-
-def hits_limiter_norm_issue(kind: str, shape, proj_type: str, rank: int, scale: float) -> bool:
-    from _numpy_reference import projection_side
-
-    if kind != "fira" or scale != 1.0:
-        return False
-    m, n = shape[-2:]
-    side = projection_side(m, n, proj_type)
-    k = min(rank, m, n)
-    return (side == "left" and k == n < m) or (side == "right" and k == m < n)

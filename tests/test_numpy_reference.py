@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 from _harness import (
-    LIMITER_NORM_ISSUE,
-    hits_limiter_norm_issue,
     learning_rates,
     make_problem,
     relative_errors,
@@ -70,10 +68,6 @@ BATCHED = [
 BATCHED_SHAPES = {"stack": (3, 24, 16), "stack4d": (2, 2, 16, 24), "mat": (24, 16), "bias": (16,)}
 
 
-def _xfail_if(flag: bool):
-    return [pytest.mark.xfail(strict=True, reason=LIMITER_NORM_ISSUE)] if flag else []
-
-
 @pytest.mark.parametrize(
     "kind,proj_type,rank,scale",
     [
@@ -83,12 +77,6 @@ def _xfail_if(flag: bool):
             r,
             a,
             id=f"{k}-{p}-r{r}-a{a:g}",
-            marks=_xfail_if(
-                any(
-                    hits_limiter_norm_issue(k, s, p, r, a)
-                    for s in list(BATCHED_SHAPES.values())[:3]
-                )
-            ),
         )
         for k, p, r, a in BATCHED
     ],
@@ -115,12 +103,6 @@ def test_batched_leaves(kind, proj_type, rank, scale):
             r,
             a,
             id=f"{k}-{p}-r{r}-a{a:g}",
-            marks=_xfail_if(
-                any(
-                    hits_limiter_norm_issue(k, s, p, r, a)
-                    for s in list(BATCHED_SHAPES.values())[:3]
-                )
-            ),
         )
         for k, p, r, a in BATCHED
     ],
@@ -196,7 +178,6 @@ UNOFFICIAL = [
             s,
             r,
             id=f"{k}-{p}-{s[0]}x{s[1]}-r{r}",
-            marks=_xfail_if(hits_limiter_norm_issue(k, s, p, r, 1.0)),
         )
         for k, p, s, r in UNOFFICIAL
     ],

@@ -16,8 +16,6 @@ import math
 import optax
 import pytest
 from _harness import (
-    LIMITER_NORM_ISSUE,
-    hits_limiter_norm_issue,
     learning_rates,
     make_problem,
     relative_errors,
@@ -154,21 +152,10 @@ def run_case(case: Case) -> dict:
     }
 
 
-def _known_issue(case: Case) -> bool:
-    return any(
-        hits_limiter_norm_issue(case.kind, s, case.proj_type, case.rank, case.scale)
-        for s in MATRICES.values()
-        if official_supported(case.kind, s, case.proj_type, case.rank)
-    )
-
-
 PARAMS = [
     pytest.param(
         c,
         id=c.id,
-        marks=[pytest.mark.xfail(strict=True, reason=LIMITER_NORM_ISSUE)]
-        if _known_issue(c)
-        else [],
     )
     for c in CASES
 ]
@@ -234,28 +221,20 @@ def test_skip_rules_are_needed():
 def _table(results: dict[str, dict]) -> str:
     names = list(MATRICES) + list(PLAIN)
     head = f"{'case':<30} {'leaf':<7} {'ours-vs-official':>17} {'official-vs-f64':>16} "
-    head += f"{'ours-vs-f64':>12}  note"
+    head += f"{'ours-vs-f64':>12}"
     lines = [head, "-" * len(head)]
     worst = 0.0
-    by_id = {c.id: c for c in CASES}
     for cid, res in results.items():
-        case = by_id[cid]
         for name in names:
             if name not in res["ours_vs_official"]:
                 continue
             e = res["ours_vs_official"][name]
-            note = ""
-            if name in MATRICES and hits_limiter_norm_issue(
-                case.kind, MATRICES[name], case.proj_type, case.rank, case.scale
-            ):
-                note = "xfail: limiter norm issue"
-            else:
-                worst = max(worst, e) if math.isfinite(e) else math.inf
+            worst = max(worst, e) if math.isfinite(e) else math.inf
             lines.append(
                 f"{cid:<30} {name:<7} {e:>17.2e} {res['official_vs_ref'][name]:>16.2e} "
-                f"{res['ours_vs_ref'][name]:>12.2e}  {note}"
+                f"{res['ours_vs_ref'][name]:>12.2e}"
             )
-    lines.append(f"worst ours-vs-official outside known issues: {worst:.2e} (tolerance {TOL:g})")
+    lines.append(f"worst ours-vs-official: {worst:.2e} (tolerance {TOL:g})")
     return "\n".join(lines)
 
 
