@@ -1,0 +1,165 @@
+"""Sharded Fira/GaLore on 8 CPU devices (2×4 mesh) equals the single-device step.
+
+The body runs in a subprocess (`tests/_sharded_check.py`): the 8 host devices must be requested
+before jax is imported. Layouts of a small LLaMA tree with stacked `(L, m, n)` leaves: FSDP,
+tensor parallel, 2-D FSDP+TP and the L axis sharded. 7 steps, refreshes at steps 1, 4, 7.
+
+Known hazard (jaxlib 0.10.2, not this library): batched LAPACK kernels (`eigh`, `svd` of a
+stacked leaf) split their batch over the CPU intra-op pool and block on it; with 8 host devices
+on a 2-core machine every pool thread can end up blocked, and the run deadlocks. It is rare with
+the SVD refresh and frequent with the randomized one (an `eigh` per refresh), so the sharded
+randomized refresh is left out here. On a loaded machine XLA:CPU may also abort a collective
+whose 8 participants did not all arrive within 40 s. A run that hangs or aborts that way is
+retried once, then xfailed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import fira_optax as fo
+
+_SCRIPT = Path(__file__).with_name("_sharded_check.py")
+
+
+def _run(*jobs: str, timeout: float = 240) -> list[dict]:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    for attempt in range(2):
+        try:
+            out = subprocess.run(
+                [sys.executable, str(_SCRIPT), *jobs],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=True,
+            )
+        except subprocess.TimeoutExpired:
+            hung = True
+        except subprocess.CalledProcessError as e:
+            # XLA:CPU aborts a collective whose participants did not all arrive within 40 s:
+            # the same starvation as above (or a heavily loaded machine).
+            if "Termination timeout" not in (e.stderr or ""):
+                raise AssertionError(e.stderr[-4000:]) from e
+            hung = True
+        else:
+            hung = False
+        if hung:
+            if attempt == 1:
+                pytest.xfail("8-host-device run starved twice (jaxlib CPU thread pool, see top)")
+            continue
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    raise AssertionError("unreachable")
+
+
+def _check(result: dict) -> None:
+    name = f"{result['optimizer']}/{result['layout']}"
+    assert result["sharding_ok"], f"{name}: state shardings changed: {result['bad']}"
+    # Every state leaf (bases, moments, limiter memory) within 1e-6 of the single-device run.
+    assert result["state_max_rel"] <= 1e-6, (name, result["where"])
+    # Updates: from step 2 on ≤ 1e-6 (Frobenius); step 1 is Adam's ill-conditioned first step
+    # (see _sharded_check.py), bounded more loosely.
+    assert result["updates_frob_rel_after_step1"] <= 1e-6, (name, result["where"])
+    assert result["updates_frob_rel"] <= 5e-5, (name, result["where"])
+    mem = result["bytes_per_device"]
+    assert mem["sharded"]["argument"] < 0.35 * mem["single"]["argument"], (name, mem)
+    sharded_total = sum(mem["sharded"].values())
+    single_total = sum(mem["single"].values())
+    assert sharded_total < 0.6 * single_total, (name, mem)
+
+
+@pytest.mark.slow
+def test_sharded_fira_matches_single_device_all_layouts():
+    results = _run("fira")
+    assert {r["layout"] for r in results} == {"fsdp", "tp", "fsdp_tp", "layer_sharded"}
+    for r in results:
+        _check(r)
+
+
+def test_sharded_fira_and_galore_match_single_device():
+    results = _run("fira:fsdp_tp", "galore:tp")
+    assert len(results) == 2
+    for r in results:
+        _check(r)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sharding rule itself, on one device (a 1×1 mesh): shapes → PartitionSpecs.
+
+
+def test_state_partition_spec_rule():
+    rule = fo._sharding.state_partition_spec
+    spec = P("l", "m", "n")
+    shape = (4, 32, 64)
+    assert rule((4, 32, 64), shape, spec) == P("l", "m", "n")  # full moments
+    assert rule((4, 32, 8), shape, spec) == P("l", "m", None)  # left basis / right moments
+    assert rule((4, 8, 64), shape, spec) == P("l", None, "n")  # right basis / left moments
+    assert rule((4,), shape, spec) == P("l")  # limiter memory
+    assert rule((), shape, spec) == P()  # counts
+    assert rule((4, 32), (4, 32), P(None, "m")) == P(None, "m")  # a non-matrix param
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: fo.fira(1e-3, 4),
+        lambda: fo.galore(1e-3, 4),
+        lambda: optax.chain(
+            fo.project(4), fo.scale_by_low_rank_adam(rank=4), fo.project_back(), optax.sgd(1.0)
+        ),
+        lambda: optax.adamw(1e-3),
+    ],
+    ids=["fira", "galore", "chain", "adamw"],
+)
+def test_state_shardings_match_state_structure(make_tx):
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    params = {"w": jnp.zeros((8, 16)), "stack": jnp.zeros((3, 16, 8)), "b": jnp.zeros(16)}
+    specs = {"w": P(None, "model"), "stack": P("data", "model", None), "b": P()}
+    tx = make_tx()
+    shardings = fo.optimizer_state_shardings(tx, params, specs, mesh=mesh)
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    assert jax.tree.structure(state) == jax.tree.structure(shardings)
+    for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+        assert isinstance(s, NamedSharding)
+        assert len(s.spec) <= x.ndim
+        if x.ndim == 0:
+            assert s.spec == P()
+    # Default: the params' own shardings.
+    placed = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+    again = fo.optimizer_state_shardings(tx, placed)
+    assert jax.tree.map(lambda s: s.spec, again) == jax.tree.map(lambda s: s.spec, shardings)
+
+
+def test_fira_state_specs_follow_the_kept_axis():
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    params = {"up": jnp.zeros((2, 16, 40)), "down": jnp.zeros((2, 40, 16))}
+    specs = {"up": P("data", None, "model"), "down": P("data", "model", None)}
+    tx = fo.fira(1e-3, 4)
+    sh = fo.optimizer_state_shardings(tx, params, specs, mesh=mesh)
+    project_state, adam_state, _, limiter_state, _ = sh[0]
+    # up (16 < 40): left side; basis (2,16,4) keeps m (unsharded), moments (2,4,40) keep n.
+    assert project_state.bases["up"].spec == P("data", None, None)
+    assert adam_state.mu["up"].spec == P("data", None, "model")
+    # down (40 ≥ 16): right side; basis (2,4,16) keeps n, moments (2,40,4) keep m.
+    assert project_state.bases["down"].spec == P("data", None, None)
+    assert adam_state.nu["down"].spec == P("data", "model", None)
+    assert limiter_state.norms["up"].spec == P("data")
+    assert project_state.count.spec == P()
+
+
+def test_partition_specs_without_mesh_raise():
+    with pytest.raises(ValueError, match="mesh"):
+        fo.optimizer_state_shardings(fo.fira(1e-3, 4), {"w": jnp.zeros((8, 8))}, {"w": P()})
