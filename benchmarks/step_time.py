@@ -343,7 +343,8 @@ def bench_size(size: Size, args) -> str:
         "/ official Fira",
     ]
     title = (
-        f"### LLaMA-{size.name} projected matrices ({len(size.shapes())} matrices, "
+        f"### LLaMA-{size.name} projected matrices ({size.layers} layers, "
+        f"{len(size.shapes())} matrices, "
         f"{size.numel / 1e6:.1f}M params, rank {size.rank}); "
         f"{args.rounds} rounds non-refresh, {args.refresh_rounds} rounds refresh"
     )
@@ -460,6 +461,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="torch threads (default: os.cpu_count(), what XLA:CPU uses)",
     )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="override the number of layers (per-matrix work is independent: times scale "
+        "linearly; compile time shrinks a lot)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch optimizers")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 3 rounds (CI)")
     parser.add_argument(
@@ -495,7 +503,10 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         print(f"torch {torch.__version__}, torch threads {args.threads}")
-    outputs = [bench_size(SIZES[s.strip()], args) for s in args.sizes.split(",") if s.strip()]
+    sizes = [SIZES[s.strip()] for s in args.sizes.split(",") if s.strip()]
+    if args.layers:
+        sizes = [dataclasses.replace(s, layers=args.layers) for s in sizes]
+    outputs = [bench_size(s, args) for s in sizes]
     if args.train_step:
         t = bench_train_step(args)
         if t:
