@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import platform
 
@@ -102,7 +103,8 @@ def write_report(
         "",
         f"Machine: {platform.machine()}, JAX {jax.__version__} on "
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"{jax.device_count()} device(s).",
+        f"{jax.device_count()} device(s), {os.cpu_count()} CPU cores; load average at the end "
+        f"{os.getloadavg()[0]:.1f} (timings are wall-clock and shift with other load).",
         "",
         "| optimizer | final val loss | val perplexity | optimizer-state bytes | "
         "vs AdamW | ms/step | total time (s) |",

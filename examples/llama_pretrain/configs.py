@@ -15,11 +15,13 @@ Presets
     heads = 512/1376/8/8, 768/2048/12/12, 1024/2736/24/16, 2048/5461/24/32) with the
     papers' optimizer settings: rank 128/256/256/512, ``update_proj_gap`` 200, scale 0.25
     (0.0625 for 1B), lr 0.01 for GaLore/Fira and 1e-3 for AdamW, 10% linear warm-up then
-    cosine decay to 0.1x, sequence length 256. The papers use the T5 tokenizer (vocab
-    32k); this example defaults to a byte-level tokenizer (vocab 256), so the embedding /
-    output-head sizes differ while every projected (attention / MLP) matrix has exactly
-    the paper's shape. Batch sizes are per step; raise ``grad_accum_steps`` to reach the
-    papers' 512 sequences per update.
+    cosine decay to 0.1x, sequence length 256, 512 sequences per update (64 per
+    micro-batch x 8 accumulation steps; lower ``batch_size`` and raise
+    ``grad_accum_steps`` if memory is short), 10K/20K/60K/100K steps. The papers use
+    the T5 tokenizer (vocab 32k) on C4; this example defaults to a byte-level tokenizer
+    (vocab 256) on a local corpus, so the embedding / output-head sizes differ while every
+    projected (attention / MLP) matrix has exactly the paper's shape. Pass a 32k-vocab
+    ``tokenizer_path`` and a C4 text dump as ``data_path`` to get closer to the papers.
 """
 
 from __future__ import annotations
@@ -85,14 +87,17 @@ class Config:
         return self.batch_size * self.grad_accum_steps * self.max_seq_len
 
 
+# Shared by the paper-shaped presets: 512 sequences of 256 tokens per update
+# (64 x 8 micro-batches), peak lr 0.01 (GaLore / Fira) or 1e-3 (AdamW), 10% warm-up,
+# cosine to 0.1x, T = 200, alpha = 0.25, bf16 activations.
 _PAPER = dict(
     max_seq_len=256,
     batch_size=64,
+    grad_accum_steps=8,
     update_proj_gap=200,
     scale=0.25,
     learning_rate=0.01,
     adamw_learning_rate=1e-3,
-    num_train_steps=10_000,
     eval_every=1_000,
     eval_batches=16,
     checkpoint_every=1_000,
@@ -100,9 +105,23 @@ _PAPER = dict(
     dtype="bfloat16",
 )
 
+
+def _paper(d_model, ffn_dim, num_layers, num_heads, rank, steps, **kw) -> Config:
+    return Config(
+        d_model=d_model,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        rank=rank,
+        num_train_steps=steps,
+        **{**_PAPER, **kw},
+    )
+
+
 PRESETS: dict[str, Config] = {
+    # ~0.86M params; 400 steps of 16 x 128 bytes; ~2 min per optimizer on 2 CPU cores.
     "tiny": Config(),
-    # A model small enough for the unit tests (built there with dataclasses.replace).
+    # A model small enough for the unit tests (train_test.py).
     "micro": Config(
         d_model=32,
         ffn_dim=64,
@@ -117,21 +136,11 @@ PRESETS: dict[str, Config] = {
         eval_batches=2,
         log_every=5,
     ),
-    "llama_60m": Config(d_model=512, ffn_dim=1376, num_layers=8, num_heads=8, rank=128, **_PAPER),
-    "llama_130m": Config(
-        d_model=768, ffn_dim=2048, num_layers=12, num_heads=12, rank=256, **_PAPER
-    ),
-    "llama_350m": Config(
-        d_model=1024, ffn_dim=2736, num_layers=24, num_heads=16, rank=256, **_PAPER
-    ),
-    "llama_1b": Config(
-        d_model=2048,
-        ffn_dim=5461,
-        num_layers=24,
-        num_heads=32,
-        rank=512,
-        **{**_PAPER, "scale": 0.0625},
-    ),
+    # Paper shapes and step counts (GaLore Table 2 / Fira Table 1: 10K/20K/60K/100K).
+    "llama_60m": _paper(512, 1376, 8, 8, rank=128, steps=10_000),
+    "llama_130m": _paper(768, 2048, 12, 12, rank=256, steps=20_000),
+    "llama_350m": _paper(1024, 2736, 24, 16, rank=256, steps=60_000, scan_layers=True),
+    "llama_1b": _paper(2048, 5461, 24, 32, rank=512, steps=100_000, scale=0.0625, scan_layers=True),
 }
 
 

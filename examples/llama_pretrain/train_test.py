@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import fira_optax as fo
 from examples.llama_pretrain import configs, input_pipeline, train
 from examples.llama_pretrain.model import Llama
 
@@ -120,9 +121,6 @@ def read_state(path):
 
 
 def test_scan_layers(corpus, tmp_path):
-    pytest.importorskip("fira_optax")
-    import fira_optax as fo
-
     config = micro(corpus, optimizer="fira", scan_layers=True, num_train_steps=6, eval_every=6)
     model = Llama(config, rngs=nnx.Rngs(0))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -149,9 +147,6 @@ def test_scan_and_loop_models_agree(corpus):
 
 
 def test_default_projection_picks_attention_and_mlp_kernels(corpus):
-    pytest.importorskip("fira_optax")
-    import fira_optax as fo
-
     model = Llama(micro(corpus), rngs=nnx.Rngs(0))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     mask = fo.projected_mask(params)
