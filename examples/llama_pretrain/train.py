@@ -173,6 +173,12 @@ class MetricsWriter:
             ]
             path.write_text("".join(line + "\n" for line in keep))
 
+    def rows(self, split: str) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r["split"] == split]
+
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -285,6 +291,8 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
 
     if not val:  # Nothing left to train (resumed at the end): evaluate once.
         val = evaluate(eval_step, state, dataset, config)
+        train_rows = writer.rows("train")
+        train_loss = train_rows[-1]["loss"] if train_rows else float("nan")
     mean_step_s = float(np.mean(step_times)) if step_times else float("nan")
     result = {
         "optimizer": config.optimizer,
