@@ -14,6 +14,7 @@ carries the basis, the full gradient and the low-rank gradient down an `optax.ch
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -167,6 +168,38 @@ def map_nodes(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
 # The `project` transform.
 
 
+def refresh_basis(
+    grad: jax.Array, basis: jax.Array, k: int, side: str, key: jax.Array, refresh: str
+) -> jax.Array:
+    """A new basis for a (stack of) matrices; a matrix whose refresh fails keeps its basis.
+
+    Stacked leaves `(..., m, n)` are refreshed one matrix at a time (`lax.map`): XLA:CPU's
+    batched LAPACK kernels split a batch over the intra-op thread pool and block on it, which
+    can deadlock when several host devices run at once; one matrix per call avoids that and
+    costs nothing on CPU (each SVD is already sequential LAPACK work).
+    """
+
+    def one(grad_mxn, basis_old, key_one):
+        if refresh == "svd":
+            candidate = svd_basis(grad_mxn, k, side)
+        else:
+            candidate = randomized_basis(grad_mxn, basis_old, k, side, key_one)
+        # A refresh that fails (non-finite gradient, SVD that did not converge) keeps the
+        # previous basis instead of poisoning every later step.
+        return jnp.where(jnp.all(jnp.isfinite(candidate)), candidate, basis_old)
+
+    batch = grad.shape[:-2]
+    if not batch:
+        return one(grad, basis, key)
+    size = math.prod(batch)
+    keys = jax.random.split(key, size)
+    flat = jax.lax.map(
+        lambda args: one(*args),
+        (grad.reshape(size, *grad.shape[-2:]), basis.reshape(size, *basis.shape[-2:]), keys),
+    )
+    return flat.reshape(basis.shape)
+
+
 class ProjectState(NamedTuple):
     """State of :func:`project`.
 
@@ -252,14 +285,7 @@ def project(
             leaf_key = jax.random.fold_in(key, index)
 
             def new_basis(grad=grad, basis=basis, side=side, k=k, leaf_key=leaf_key):
-                if refresh == "svd":
-                    candidate = svd_basis(grad, k, side)
-                else:
-                    candidate = randomized_basis(grad, basis, k, side, leaf_key)
-                # A refresh that fails (non-finite gradient, SVD that did not converge) keeps the
-                # previous basis instead of poisoning every later step.
-                ok = jnp.all(jnp.isfinite(candidate), axis=(-2, -1), keepdims=True)
-                return jnp.where(ok, candidate, basis)
+                return refresh_basis(grad, basis, k, side, leaf_key, refresh)
 
             basis = jax.lax.cond(do_refresh, new_basis, lambda basis=basis: basis)
             low_rank = project_matrix(grad, basis, side)

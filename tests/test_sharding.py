@@ -4,13 +4,12 @@ The body runs in a subprocess (`tests/_sharded_check.py`): the 8 host devices mu
 before jax is imported. Layouts of a small LLaMA tree with stacked `(L, m, n)` leaves: FSDP,
 tensor parallel, 2-D FSDP+TP and the L axis sharded. 7 steps, refreshes at steps 1, 4, 7.
 
-Known hazard (jaxlib 0.10.2, not this library): batched LAPACK kernels (`eigh`, `svd` of a
-stacked leaf) split their batch over the CPU intra-op pool and block on it; with 8 host devices
-on a 2-core machine every pool thread can end up blocked, and the run deadlocks. It is rare with
-the SVD refresh and frequent with the randomized one (an `eigh` per refresh), so the sharded
-randomized refresh is left out here. On a loaded machine XLA:CPU may also abort a collective
-whose 8 participants did not all arrive within 40 s. A run that hangs or aborts that way is
-retried once, then xfailed.
+The refresh runs one matrix at a time (`fira_optax._projection.refresh_basis`): XLA:CPU's
+batched LAPACK kernels split a batch over the intra-op pool and block on it, which deadlocked
+8 host devices on 2 cores before. The randomized refresh is not compared here: on these
+rank-8-plus-noise gradients with rank 16 the trailing basis vectors span pure noise, and the
+float32 differences of a sharded matmul (~1e-6) rotate them freely inside that flat spectrum
+(the refresh itself is shard-invariant: `test_randomized_refresh_is_shard_invariant`).
 """
 
 from __future__ import annotations
@@ -34,35 +33,21 @@ import fira_optax as fo
 _SCRIPT = Path(__file__).with_name("_sharded_check.py")
 
 
-def _run(*jobs: str, timeout: float = 240) -> list[dict]:
+def _run(*jobs: str, timeout: float = 600) -> list[dict]:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    for attempt in range(2):
-        try:
-            out = subprocess.run(
-                [sys.executable, str(_SCRIPT), *jobs],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=True,
-            )
-        except subprocess.TimeoutExpired:
-            hung = True
-        except subprocess.CalledProcessError as e:
-            # XLA:CPU aborts a collective whose participants did not all arrive within 40 s:
-            # the same starvation as above (or a heavily loaded machine).
-            if "Termination timeout" not in (e.stderr or ""):
-                raise AssertionError(e.stderr[-4000:]) from e
-            hung = True
-        else:
-            hung = False
-        if hung:
-            if attempt == 1:
-                pytest.xfail("8-host-device run starved twice (jaxlib CPU thread pool, see top)")
-            continue
-        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    raise AssertionError("unreachable")
+    try:
+        out = subprocess.run(
+            [sys.executable, str(_SCRIPT), *jobs],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+    except subprocess.CalledProcessError as e:
+        raise AssertionError(e.stderr[-4000:]) from e
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def _check(result: dict) -> None:
@@ -94,6 +79,38 @@ def test_sharded_fira_and_galore_match_single_device():
     assert len(results) == 2
     for r in results:
         _check(r)
+
+
+_REFRESH_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from fira_optax._projection import refresh_basis
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+g = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64, 160)), jnp.float32)
+b = jnp.zeros((4, 64, 8), jnp.float32)
+f = jax.jit(lambda g, b: refresh_basis(g, b, 8, "left", jax.random.key(3), "randomized"))
+ref = f(g, b)
+for spec in [P("data", None, None), P("data", "model", None), P(None, "model", None)]:
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P(spec[0], spec[1], None)))
+    print(float(jnp.abs(f(put(g), put(b)) - ref).max()))
+"""
+
+
+def test_randomized_refresh_is_shard_invariant():
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _REFRESH_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    diffs = [float(x) for x in out.stdout.split()]
+    assert len(diffs) == 3 and max(diffs) < 1e-4, diffs
 
 
 # ----------------------------------------------------------------------------------------------
