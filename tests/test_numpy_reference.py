@@ -65,22 +65,15 @@ BATCHED = [
 ]
 
 
+BATCHED_CASES = pytest.mark.parametrize(
+    "kind,proj_type,rank,scale",
+    [pytest.param(k, p, r, a, id=f"{k}-{p}-r{r}-a{a:g}") for k, p, r, a in BATCHED],
+)
+
 BATCHED_SHAPES = {"stack": (3, 24, 16), "stack4d": (2, 2, 16, 24), "mat": (24, 16), "bias": (16,)}
 
 
-@pytest.mark.parametrize(
-    "kind,proj_type,rank,scale",
-    [
-        pytest.param(
-            k,
-            p,
-            r,
-            a,
-            id=f"{k}-{p}-r{r}-a{a:g}",
-        )
-        for k, p, r, a in BATCHED
-    ],
-)
+@BATCHED_CASES
 def test_batched_leaves(kind, proj_type, rank, scale):
     shapes = BATCHED_SHAPES
     projected = {"stack", "stack4d", "mat"}
@@ -94,19 +87,7 @@ def test_batched_leaves(kind, proj_type, rank, scale):
     )
 
 
-@pytest.mark.parametrize(
-    "kind,proj_type,rank,scale",
-    [
-        pytest.param(
-            k,
-            p,
-            r,
-            a,
-            id=f"{k}-{p}-r{r}-a{a:g}",
-        )
-        for k, p, r, a in BATCHED
-    ],
-)
+@BATCHED_CASES
 def test_batched_leaves_match_official_per_matrix(kind, proj_type, rank, scale):
     """Each matrix of a stacked leaf == the official optimizer run on that matrix alone."""
     w0, grads = make_problem(BATCHED_SHAPES, STEPS, SEED, spike=(9, 20.0))
