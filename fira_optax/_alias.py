@@ -12,8 +12,33 @@ from fira_optax import _masks
 from fira_optax._limiter import limit_norm_growth
 from fira_optax._low_rank_adam import scale_by_low_rank_adam
 from fira_optax._project_back import project_back
-from fira_optax._projection import check_hyperparams, project
+from fira_optax._projection import project
 from fira_optax._residual import norm_scale_residual
+
+
+def _low_rank_direction(
+    residual_blocks: tuple[optax.GradientTransformation, ...],
+    *,
+    rank: int,
+    update_proj_gap: int,
+    scale: jax.typing.ArrayLike,
+    proj_type: str,
+    b1: jax.typing.ArrayLike,
+    b2: jax.typing.ArrayLike,
+    eps: jax.typing.ArrayLike,
+    projected: _masks.ProjectedSpec,
+    refresh: str,
+    mu_dtype: Any,
+) -> optax.GradientTransformation:
+    """`project → scale_by_low_rank_adam → *residual_blocks → project_back`."""
+    return optax.chain(
+        project(rank, update_proj_gap, scale, proj_type, projected=projected, refresh=refresh),
+        scale_by_low_rank_adam(
+            b1, b2, eps, rank=rank, proj_type=proj_type, projected=projected, mu_dtype=mu_dtype
+        ),
+        *residual_blocks,
+        project_back(),
+    )
 
 
 def scale_by_galore(
@@ -30,12 +55,18 @@ def scale_by_galore(
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     """GaLore's direction (no learning rate): see :func:`galore`."""
-    return optax.chain(
-        project(rank, update_proj_gap, scale, proj_type, projected=projected, refresh=refresh),
-        scale_by_low_rank_adam(
-            b1, b2, eps, rank=rank, proj_type=proj_type, projected=projected, mu_dtype=mu_dtype
-        ),
-        project_back(),
+    return _low_rank_direction(
+        (),
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        projected=projected,
+        refresh=refresh,
+        mu_dtype=mu_dtype,
     )
 
 
@@ -58,14 +89,18 @@ def scale_by_fira(
     Equal to the building-block chain
     `project → scale_by_low_rank_adam → norm_scale_residual → limit_norm_growth → project_back`.
     """
-    return optax.chain(
-        project(rank, update_proj_gap, scale, proj_type, projected=projected, refresh=refresh),
-        scale_by_low_rank_adam(
-            b1, b2, eps, rank=rank, proj_type=proj_type, projected=projected, mu_dtype=mu_dtype
-        ),
-        norm_scale_residual(),
-        limit_norm_growth(gamma, projected=projected),
-        project_back(),
+    return _low_rank_direction(
+        (norm_scale_residual(), limit_norm_growth(gamma, projected=projected)),
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        projected=projected,
+        refresh=refresh,
+        mu_dtype=mu_dtype,
     )
 
 
@@ -176,7 +211,6 @@ def galore(
       Zhao et al., 2024. GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection.
       https://arxiv.org/abs/2403.03507
     """
-    check_hyperparams(rank=rank, update_proj_gap=update_proj_gap, proj_type=proj_type)
     return optax.chain(
         scale_by_galore(
             rank,
@@ -280,7 +314,6 @@ def fira(
       Chen et al., 2024. Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
       Constraint? https://arxiv.org/abs/2410.01623
     """
-    check_hyperparams(rank=rank, update_proj_gap=update_proj_gap, proj_type=proj_type, gamma=gamma)
     return optax.chain(
         scale_by_fira(
             rank,
