@@ -25,7 +25,7 @@ def residual_scale(direction: jnp.ndarray, low_rank: jnp.ndarray, side: str) -> 
     return norm_n / (norm_r + NORM_EPS)
 
 
-def norm_scale_residual() -> optax.GradientTransformation:
+def norm_scale_residual(scaled: bool = True) -> optax.GradientTransformation:
     """Keeps the residual `S = φ ⊙ (G − α·back(R))`, scaled like the low-rank direction.
 
     Must follow :func:`fira_optax.scale_by_low_rank_adam` (φ compares the direction `N` with
@@ -33,16 +33,21 @@ def norm_scale_residual() -> optax.GradientTransformation:
     :class:`fira_optax.LowRankUpdate` node and materialized by `project_back`. Dense leaves
     pass through. See :func:`fira_optax.fira` for the maths.
 
+    Args:
+      scaled: False gives the paper's "without scaling factor" ablation: φ = 1, the residual
+        `G − α·back(R)` is added as it is (the limiter, if any, still applies).
+
     Returns:
       A stateless `optax.GradientTransformation`.
     """
 
+    def phi(u):
+        scale = residual_scale(u.direction, u.low_rank, u.side)
+        return scale if scaled else jnp.ones_like(scale)
+
     def update_fn(updates, state, params=None):
         del params
-        new = map_nodes(
-            lambda u: u.replace(residual_scale=residual_scale(u.direction, u.low_rank, u.side)),
-            updates,
-        )
+        new = map_nodes(lambda u: u.replace(residual_scale=phi(u)), updates)
         return new, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
