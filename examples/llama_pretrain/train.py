@@ -40,7 +40,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from examples.llama_pretrain import input_pipeline
-from examples.llama_pretrain.configs import OPTIMIZERS, Config
+from examples.llama_pretrain.configs import LOW_RANK_OPTIMIZERS, OPTIMIZERS, Config
 from examples.llama_pretrain.model import Llama
 
 
@@ -58,7 +58,16 @@ def make_schedule(config: Config) -> optax.Schedule:
 
 @functools.lru_cache(maxsize=16)
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """AdamW (``optax.adamw``) or GaLore / Fira (``fira_optax``) with the same schedule.
+    """The optimizer named ``config.optimizer`` (see ``configs.OPTIMIZERS``), one schedule.
+
+    * ``adamw``: ``optax.adamw`` at ``adamw_learning_rate``.
+    * ``galore`` / ``fira``: ``fo.galore`` / ``fo.fira`` at ``learning_rate``.
+    * ``fira_no_limiter`` / ``fira_no_phi``: the paper's ablations, as ``fira_optax`` block
+      chains: Fira without ``limit_norm_growth``, and Fira with the residual added unscaled
+      (``norm_scale_residual(scaled=False)``: phi = 1, limiter kept).
+    * ``adamw_control``: ``optax.adamw`` with the projected matrices (``fo.projected_mask``)
+      at ``adamw_learning_rate`` and the other leaves (embeddings, head, norms) at
+      ``learning_rate``, as the low-rank optimizers train them.
 
     Cached per config: runs of one config in one process share the transformation, hence
     an equal ``nnx`` graph definition and the compiled steps of ``compiled_steps``.
@@ -67,7 +76,19 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     common = dict(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         tx = optax.adamw(schedule, **common)
-    elif config.optimizer in ("galore", "fira"):
+    elif config.optimizer == "adamw_control":
+        import fira_optax as fo
+
+        rest = make_schedule(dataclasses.replace(config, optimizer="fira"))  # learning_rate
+
+        def labels(params):
+            return jax.tree.map(lambda p: "matrices" if p else "rest", fo.projected_mask(params))
+
+        tx = optax.multi_transform(
+            {"matrices": optax.adamw(schedule, **common), "rest": optax.adamw(rest, **common)},
+            labels,
+        )
+    elif config.optimizer in LOW_RANK_OPTIMIZERS:
         import fira_optax as fo
 
         low_rank = dict(
@@ -78,8 +99,34 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
         )
         if config.optimizer == "fira":
             tx = fo.fira(schedule, config.rank, gamma=config.gamma, **low_rank)
-        else:
+        elif config.optimizer == "galore":
             tx = fo.galore(schedule, config.rank, **low_rank)
+        else:
+            residual = {
+                "fira_no_limiter": [fo.norm_scale_residual()],
+                "fira_no_phi": [
+                    fo.norm_scale_residual(scaled=False),
+                    fo.limit_norm_growth(gamma=config.gamma),
+                ],
+            }[config.optimizer]
+            tx = optax.chain(
+                fo.project(
+                    rank=config.rank,
+                    update_proj_gap=config.update_proj_gap,
+                    scale=config.scale,
+                    proj_type=config.proj_type,
+                ),
+                fo.scale_by_low_rank_adam(
+                    b1=config.b1,
+                    b2=config.b2,
+                    eps=config.eps,
+                    rank=config.rank,
+                    proj_type=config.proj_type,
+                ),
+                *residual,
+                fo.project_back(),
+                fo.scale_by_learning_rate_and_decay(schedule, weight_decay=config.weight_decay),
+            )
     else:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
     if config.grad_clip:
@@ -150,10 +197,21 @@ def compiled_steps(graphdef: nnx.GraphDef, config: Config):
     return make_train_step(graphdef, make_schedule(config)), make_eval_step(graphdef)
 
 
-def evaluate(eval_step, state, dataset, config: Config) -> dict[str, float]:
-    losses = [float(eval_step(state, batch)) for batch in dataset.val_batches(config)]
-    loss = float(np.mean(losses))
-    return {"loss": loss, "perplexity": float(np.exp(loss))}
+def evaluate(eval_step, state, dataset, config: Config, full: bool = False) -> dict[str, float]:
+    """Mean validation loss per target token.
+
+    ``full=False``: the ``eval_batches`` fixed batches of ``dataset.val_batches`` (cheap,
+    for the curves). ``full=True``: the whole validation split, every target token once
+    (``dataset.full_val_batches``); the result does not depend on a sample or an order.
+    """
+    batches = dataset.full_val_batches(config) if full else dataset.val_batches(config)
+    total, tokens = 0.0, 0
+    for batch in batches:
+        n = batch.shape[0] * (batch.shape[1] - 1)  # Target tokens in the batch.
+        total += float(eval_step(state, batch)) * n
+        tokens += n
+    loss = total / tokens
+    return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tokens}
 
 
 def tree_nbytes(tree: Any) -> int:
@@ -277,7 +335,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
                 }
             )
         if done % config.eval_every == 0 or done == config.num_train_steps:
-            val = evaluate(eval_step, state, dataset, config)
+            val = evaluate(eval_step, state, dataset, config, full=done == config.num_train_steps)
             writer.write({"step": done, "split": "val", **val})
             bar.write(f"step {done}: val loss {val['loss']:.4f}, ppl {val['perplexity']:.2f}")
         if manager is not None and (
@@ -290,16 +348,20 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
         manager.close()
 
     if not val:  # Nothing left to train (resumed at the end): evaluate once.
-        val = evaluate(eval_step, state, dataset, config)
+        val = evaluate(eval_step, state, dataset, config, full=True)
         train_rows = writer.rows("train")
         train_loss = train_rows[-1]["loss"] if train_rows else float("nan")
     mean_step_s = float(np.mean(step_times)) if step_times else float("nan")
     result = {
         "optimizer": config.optimizer,
+        "rank": config.rank if config.optimizer in LOW_RANK_OPTIMIZERS else None,
+        "peak_lr": config.peak_lr,
+        "seed": config.seed,
         "step": config.num_train_steps,
         "final_train_loss": train_loss,
-        "final_val_loss": val["loss"],
+        "final_val_loss": val["loss"],  # The whole validation split.
         "final_val_perplexity": val["perplexity"],
+        "final_val_tokens": val["tokens"],
         "num_params": num_params,
         "opt_state_bytes": opt_state_bytes,
         "mean_step_ms": 1e3 * mean_step_s,
