@@ -254,14 +254,22 @@ def load_reference(path: pathlib.Path | None) -> dict | None:
     return json.loads(path.read_text())
 
 
+def spread_of(g: dict, reference: dict | None) -> float | None:
+    """The seed range (max - min) of ``g``; for a one-seed group, of its ``reference`` twin."""
+    if g["n"] > 1:
+        return g["max"] - g["min"]
+    ref = (reference or {}).get("groups", {}).get(group_key(g))
+    return ref["max"] - ref["min"] if ref and ref["n"] > 1 else None
+
+
 def compare_groups(a: dict, b: dict, reference: dict | None = None) -> tuple[float, str | None]:
     """``(mean_a - mean_b, verdict)``: "lower" / "higher" when the difference is larger than
     the seed spread, "within" when not, None when there is no spread to compare with.
 
     Several seeds on both sides: larger than the spread means that the seeds' ranges do not
     overlap (every seed of one beats every seed of the other). One seed on either side: the
-    difference must exceed the larger seed range (max - min) of the two groups, measured in
-    ``reference`` (a rank sweep's ``results.json``) when this run has only one seed.
+    difference must exceed the larger seed range (max - min) of the two groups, taken from
+    ``reference`` (a rank sweep's ``results.json``) for a group with one seed.
     """
     delta = a["mean"] - b["mean"]
     if a["n"] > 1 and b["n"] > 1:
@@ -270,17 +278,10 @@ def compare_groups(a: dict, b: dict, reference: dict | None = None) -> tuple[flo
         if a["min"] > b["max"]:
             return delta, "higher"
         return delta, "within"
-    spreads = []
-    for g in (a, b):
-        if g["n"] > 1:
-            spreads.append(g["max"] - g["min"])
-            continue
-        ref = (reference or {}).get("groups", {}).get(group_key(g))
-        if not ref or ref["n"] < 2:
-            return delta, None
-        spreads.append(ref["max"] - ref["min"])
-    spread = max(spreads)
-    if abs(delta) <= spread:
+    spreads = [spread_of(g, reference) for g in (a, b)]
+    if None in spreads:
+        return delta, None
+    if abs(delta) <= max(spreads):
         return delta, "within"
     return delta, "lower" if delta < 0 else "higher"
 
@@ -291,26 +292,35 @@ def group_key(g: dict) -> str:
     return f"{g['optimizer']}_lr{g['lr']:g}"
 
 
+def label(g: dict) -> str:
+    if g["rank"] is None:
+        return f"{NAMES[g['optimizer']]} (lr {g['lr']:g})"
+    return NAMES[g["optimizer"]]
+
+
 def verdict_text(a: dict, b: dict, reference: dict | None) -> str:
-    """E.g. "0.131 lower than GaLore's (1.552 vs 1.683, beyond the seed spread)"."""
+    """How ``a`` compares with ``b``, e.g. "0.131 below GaLore (1.552 vs 1.683; ...)"."""
     delta, verdict = compare_groups(a, b, reference)
-    both = f"{fmt(a)} vs {fmt(b)}"
-    source = "" if a["n"] > 1 and b["n"] > 1 else " of single runs in the rank sweep"
-    if verdict is None:
-        return (
-            f"{abs(delta):.3f} {'lower' if delta < 0 else 'higher'} than {NAMES[b['optimizer']]}'s "
-            f"({both}; one seed and no measured seed spread, so no claim)"
-        )
+    spreads = [x for x in (spread_of(a, reference), spread_of(b, reference)) if x is not None]
+    if a["n"] > 1 and b["n"] > 1:
+        rule = "every seed" if verdict in ("lower", "higher") else "the seeds' ranges overlap"
+    elif spreads and verdict is not None:
+        rule = f"seed spread of one run {max(spreads):.3f}"
+    else:
+        rule = "one seed, no measured seed spread: no claim"
+    numbers = f"{fmt(a)} vs {fmt(b)}; {rule}"
+    if verdict in ("lower", "higher"):
+        where = "below" if verdict == "lower" else "above"
+        return f"{abs(delta):.3f} {where} {label(b)} ({numbers})"
     if verdict == "within":
-        return f"within the seed spread{source} of {NAMES[b['optimizer']]}'s ({both})"
-    return (
-        f"{abs(delta):.3f} {verdict} than {NAMES[b['optimizer']]}'s ({both}, "
-        f"larger than the seed spread{source})"
-    )
+        return f"level with {label(b)} within the seed spread ({delta:+.3f}: {numbers})"
+    return f"{delta:+.3f} against {label(b)} ({numbers})"
 
 
-def summary(stats: dict[str, dict], ranks: list[int], reference: dict | None) -> list[str]:
-    """Sentences on what the runs show, per rank: Fira vs GaLore, vs AdamW, ablations."""
+def summary(
+    stats: dict[str, dict], ranks: list[int], reference: dict | None, d_model: int
+) -> list[str]:
+    """Sentences on what the runs show, per rank: Fira vs GaLore and AdamW, the ablations."""
     lines = []
     adamw = adamw_best(stats)
     control = adamw_best(stats, "adamw_control")
@@ -318,27 +328,23 @@ def summary(stats: dict[str, dict], ranks: list[int], reference: dict | None) ->
         fira, galore = stats.get(f"fira_r{rank}"), stats.get(f"galore_r{rank}")
         if fira is None:
             continue
-        parts = []
-        if galore:
-            parts.append(f"Fira's final val loss is {verdict_text(fira, galore, reference)}")
-        if adamw:
-            parts.append(f"{verdict_text(fira, adamw, reference)} (lr {adamw['lr']:g})")
-        for name in ("fira_no_limiter", "fira_no_phi"):
-            ablation = stats.get(f"{name}_r{rank}")
-            if ablation:
-                delta, verdict = compare_groups(ablation, fira, reference)
-                what = {
-                    "lower": f"better than Fira by {abs(delta):.3f}",
-                    "higher": f"worse than Fira by {abs(delta):.3f}",
-                    "within": "within Fira's seed spread",
-                    None: f"{delta:+.3f} vs Fira (no spread to judge)",
-                }[verdict]
-                parts.append(f"{NAMES[name]}: {fmt(ablation)}, {what}")
-        lines.append(f"Rank {rank}: " + "; ".join(parts) + ".")
+        parts = [verdict_text(fira, other, reference) for other in (galore, adamw) if other]
+        text = f"At rank {rank} of {d_model}, Fira's final val loss is " + " and ".join(parts)
+        ablations = [
+            f"{what} is {verdict_text(g, fira, reference)}"
+            for name, what in (
+                ("fira_no_limiter", "without the limiter"),
+                ("fira_no_phi", "without φ"),
+            )
+            if (g := stats.get(f"{name}_r{rank}"))
+        ]
+        if ablations:
+            text += "; Fira " + "; Fira ".join(ablations)
+        lines.append(text + ".")
     if adamw and control:
         lines.append(
-            f"AdamW control (matrices at lr {control['lr']:g}, embeddings / head / norms at "
-            f"the low-rank runs' rate): {verdict_text(control, adamw, reference)}."
+            f"{label(control)} with embeddings, head and norms at the low-rank runs' rate: "
+            f"{verdict_text(control, adamw, reference)}."
         )
     return lines
 
@@ -465,7 +471,7 @@ def write_report(
         "## What the runs show",
         "",
     ]
-    sentences = summary(stats, ranks, reference)
+    sentences = summary(stats, ranks, reference, config.d_model)
     if reference and any(g["n"] < 2 for g in stats.values()):
         sentences.append(
             f"Seed spreads of single runs come from the rank sweep in `{reference_path.name}` "

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import fira_optax as fo
-from examples.llama_pretrain import configs, input_pipeline, train
+from examples.llama_pretrain import compare, configs, input_pipeline, train
 from examples.llama_pretrain.model import Llama
 
 OPTIMIZERS = ["adamw", "galore", "fira"]
@@ -176,3 +176,179 @@ def test_bundled_corpus_splits():
     a, b = dataset.train_batch(config, 3), dataset.train_batch(config, 3)
     np.testing.assert_array_equal(a, b)  # A batch is a pure function of (seed, step).
     assert a.shape == (1, config.batch_size, config.max_seq_len + 1)
+
+
+# --------------------------------------------------------------------------- issue #11
+
+
+@pytest.mark.parametrize("optimizer", ["fira_no_limiter", "fira_no_phi", "adamw_control"])
+def test_variant_trains(corpus, optimizer):
+    config = micro(corpus, optimizer=optimizer)
+    dataset = input_pipeline.load_dataset(config)
+    graphdef, state = train.create_train_state(config)
+    train_step, _ = train.compiled_steps(graphdef, config)
+    model, _ = nnx.merge(graphdef, state)
+    before = jax.tree.map(np.array, nnx.as_pure(nnx.state(model, nnx.Param)))
+    for step in range(2):
+        state, metrics = train_step(state, dataset.train_batch(config, step))
+        assert np.isfinite(float(metrics["loss"]))
+    model, _ = nnx.merge(graphdef, state)
+    after = nnx.as_pure(nnx.state(model, nnx.Param))
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before, after)
+    assert all(jax.tree.leaves(changed)), changed
+
+
+def replay(config, steps=4):
+    """Updates of ``make_optimizer(config)`` on a small LLaMA-like tree, fixed gradients."""
+    params = {
+        "embed": {"embedding": np.zeros((16, 8), np.float32)},
+        "layers": {"0": {"mlp": {"up_proj": {"kernel": np.zeros((8, 24), np.float32)}}}},
+        "norm": {"scale": np.ones((8,), np.float32)},
+    }
+    tx = train.make_optimizer(config)
+    update = jax.jit(tx.update)
+    state, out = tx.init(params), []
+    leaves, treedef = jax.tree.flatten(params)
+    for t in range(steps):
+        keys = jax.random.split(jax.random.key(t), len(leaves))
+        spike = 10.0 if t == 2 else 1.0  # Engages the limiter.
+        noise = [spike * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+        updates, state = update(treedef.unflatten(noise), state, params)
+        out.append(updates)
+    return params, out
+
+
+def max_diff(a, b):
+    """Largest absolute difference between two lists of update trees (all steps)."""
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
+    return max(jax.tree.leaves(diffs))
+
+
+def test_ablations_are_the_paper_variants(corpus):
+    config = micro(corpus, warmup_frac=0.0, rank=2)  # The residual lives outside rank 2.
+    _, fira = replay(dataclasses.replace(config, optimizer="fira"))
+    _, galore = replay(dataclasses.replace(config, optimizer="galore"))
+    _, no_limiter = replay(dataclasses.replace(config, optimizer="fira_no_limiter"))
+    _, no_phi = replay(dataclasses.replace(config, optimizer="fira_no_phi"))
+    # Without the limiter = Fira whose limiter never binds.
+    _, loose = replay(dataclasses.replace(config, optimizer="fira", gamma=1e30))
+    assert max_diff(no_limiter, loose) < 1e-7
+    assert max_diff(no_limiter, fira) > 1e-4  # The limiter binds on the spike.
+    # Without phi: neither Fira nor GaLore.
+    assert max_diff(no_phi, fira) > 1e-4
+    assert max_diff(no_phi, galore) > 1e-4
+    assert max_diff(fira, galore) > 1e-4
+
+
+def test_adamw_control_rates(corpus):
+    config = micro(corpus, optimizer="adamw_control", warmup_frac=0.0, final_lr_frac=1.0)
+    params = nnx.as_pure(nnx.state(Llama(config, rngs=nnx.Rngs(0)), nnx.Param))
+    tx = train.make_optimizer(config)
+    ones = jax.tree.map(np.ones_like, params)
+    state, update = tx.init(params), jax.jit(tx.update)
+    for _ in range(2):  # The lr is 0 at step 0 (warm-up), the peak at step 1.
+        updates, state = update(ones, state, params)  # Adam on constant gradients: -lr.
+    mask = fo.projected_mask(params)
+    for (path, u), projected in zip(
+        jax.tree.leaves_with_path(updates), jax.tree.leaves(mask), strict=True
+    ):
+        lr = config.adamw_learning_rate if projected else config.learning_rate
+        np.testing.assert_allclose(np.asarray(u), -lr, rtol=1e-4, err_msg=str(path))
+    assert config.peak_lr == config.adamw_learning_rate
+
+
+def test_full_validation_covers_the_split(corpus):
+    config = micro(corpus)
+    dataset = input_pipeline.load_dataset(config)
+    batches = list(dataset.full_val_batches(config))
+    targets = np.concatenate([b[:, 1:].reshape(-1) for b in batches])
+    np.testing.assert_array_equal(targets, dataset.val_tokens[1:])  # Each target once.
+
+    def mean_target(state, batch):  # A stand-in eval step: the mean of the targets.
+        return np.mean(batch[:, 1:])
+
+    result = train.evaluate(mean_target, None, dataset, config, full=True)
+    assert result["tokens"] == len(dataset.val_tokens) - 1
+    assert result["loss"] == pytest.approx(np.mean(dataset.val_tokens[1:]), rel=1e-12)
+    other = dataclasses.replace(config, batch_size=7)  # Another batching: the same loss.
+    assert train.evaluate(mean_target, None, dataset, other, full=True)["loss"] == pytest.approx(
+        result["loss"], rel=1e-12
+    )
+    sample = train.evaluate(mean_target, None, dataset, config)  # eval_batches only.
+    assert sample["tokens"] == config.eval_batches * config.batch_size * config.max_seq_len
+
+
+def test_sweep_order_and_learning_rate_choice(tmp_path):
+    calls = []
+    loss = {1e-3: 2.0, 3e-3: 1.5, 1e-2: 3.0}
+
+    def fake_train(run, base, workdir):
+        calls.append(run)
+        return {"final_val_loss": loss.get(run.lr, 1.0) + 0.01 * run.seed}
+
+    base = configs.get_config("micro")
+    compare.run_sweep(
+        base,
+        tmp_path,
+        ["galore", "adamw", "adamw_control"],
+        ranks=[2, 8],
+        seeds=[0, 1],
+        adamw_lrs=[1e-3, 3e-3, 1e-2],
+        lr_sweep_seeds=1,
+        train_fn=fake_train,
+    )
+    R = compare.Run
+    assert calls == [
+        R("galore", 0, rank=2),
+        R("galore", 0, rank=8),
+        R("adamw", 0, lr=1e-3),
+        R("adamw", 0, lr=3e-3),
+        R("adamw", 0, lr=1e-2),
+        R("adamw_control", 0, lr=3e-3),  # The best rate of the sweep.
+        R("galore", 1, rank=2),
+        R("galore", 1, rank=8),
+        R("adamw", 1, lr=3e-3),  # Later seeds: the best rate only.
+        R("adamw_control", 1, lr=3e-3),
+    ]
+    assert (
+        R("fira", 0, rank=8).group == "fira_r8" and R("adamw", 0, lr=3e-3).group == "adamw_lr0.003"
+    )
+
+
+def test_claims_need_more_than_the_seed_spread():
+    def group(name, values, rank=8):
+        v = np.array(values)
+        sd = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+        return dict(optimizer=name, rank=rank, lr=None, n=len(v), mean=float(v.mean()), sd=sd,
+                    min=float(v.min()), max=float(v.max()), values=list(v))  # fmt: skip
+
+    fira, galore = group("fira", [1.50, 1.52, 1.55]), group("galore", [1.60, 1.63, 1.70])
+    assert compare.compare_groups(fira, galore)[1] == "lower"
+    assert compare.compare_groups(galore, fira)[1] == "higher"
+    assert compare.compare_groups(fira, group("galore", [1.54, 1.60, 1.65]))[1] == "within"
+    one_fira, one_galore = group("fira", [1.50]), group("galore", [1.58])
+    assert compare.compare_groups(one_fira, one_galore)[1] is None  # No spread known.
+    reference = {"groups": {"fira_r8": fira, "galore_r8": galore}}  # Ranges 0.05, 0.10.
+    assert compare.compare_groups(one_fira, one_galore, reference)[1] == "within"
+    far = group("galore", [1.65])
+    assert compare.compare_groups(one_fira, far, reference)[1] == "lower"
+    text = compare.summary({"fira_r8": one_fira, "galore_r8": far}, [8], reference, 128)[0]
+    assert text.startswith("At rank 8 of 128, Fira's final val loss is 0.150 below GaLore")
+    assert "seed spread of one run 0.100" in text
+
+
+def test_rank_sweep_report(corpus, tmp_path):
+    argv = ["--config", "micro", "--workdir", str(tmp_path), "--data_path", corpus,
+            "--optimizers", "galore,fira", "--ranks", "2,4", "--reference", "",
+            "--set", "num_train_steps=2", "--set", "eval_every=2"]  # fmt: skip
+    compare.main(argv)
+    report = (tmp_path / "results.md").read_text()
+    assert "| optimizer | rank 2 | rank 4 |" in report
+    assert (tmp_path / "val_loss_vs_rank.png").stat().st_size > 0
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(summary["groups"]) == ["fira_r2", "fira_r4", "galore_r2", "galore_r4"]
+    assert summary["ranks"] == [2, 4] and summary["seeds"] == [0]
+    first = (tmp_path / "fira_r2" / "seed0" / "final_metrics.json").stat().st_mtime_ns
+    compare.main(argv)  # Finished runs are reused, not retrained.
+    assert (tmp_path / "fira_r2" / "seed0" / "final_metrics.json").stat().st_mtime_ns == first
