@@ -2,6 +2,11 @@
 
 Full-rank training under a low-rank optimizer-state constraint (Chen et al., 2024,
 arXiv:2410.01623), matching the official `fira==1.0.2` / `galore-torch==1.0` code.
+
+The modules follow the flow of one step, bottom-up: `_shapes` (matrix view of a leaf, side
+rule) and `_node` (the guarded update node) at the bottom; `_spec` (the shared
+`ProjectionSpec`); the blocks `_project` (+ `_refresh`) → `_subspace` → `_residual` →
+`_limiter` → `_project_back`; on top `_alias`, `_describe` and `_sharding`.
 """
 
 from fira_optax._alias import ScaleByLearningRateState as ScaleByLearningRateState
@@ -12,30 +17,38 @@ from fira_optax._alias import scale_by_galore as scale_by_galore
 from fira_optax._alias import (
     scale_by_learning_rate_and_decay as scale_by_learning_rate_and_decay,
 )
+from fira_optax._describe import describe_projection as describe_projection
+from fira_optax._describe import projected_mask as projected_mask
 from fira_optax._limiter import LimitNormGrowthState as LimitNormGrowthState
 from fira_optax._limiter import limit_norm_growth as limit_norm_growth
-from fira_optax._low_rank_adam import LowRankAdamState as LowRankAdamState
-from fira_optax._low_rank_adam import scale_by_low_rank_adam as scale_by_low_rank_adam
-from fira_optax._masks import describe_projection as describe_projection
-from fira_optax._masks import projected_mask as projected_mask
+from fira_optax._node import LowRankUpdate as LowRankUpdate
+from fira_optax._project import ProjectState as ProjectState
+from fira_optax._project import project as project
 from fira_optax._project_back import project_back as project_back
-from fira_optax._projection import LowRankUpdate as LowRankUpdate
-from fira_optax._projection import ProjectState as ProjectState
-from fira_optax._projection import project as project
 from fira_optax._residual import norm_scale_residual as norm_scale_residual
+from fira_optax._shapes import DimensionNumbers as DimensionNumbers
 from fira_optax._sharding import optimizer_state_shardings as optimizer_state_shardings
+from fira_optax._spec import ProjectionSpec as ProjectionSpec
+from fira_optax._subspace import InSubspaceState as InSubspaceState
+from fira_optax._subspace import LowRankAdamState as LowRankAdamState
+from fira_optax._subspace import in_subspace as in_subspace
+from fira_optax._subspace import scale_by_low_rank_adam as scale_by_low_rank_adam
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "DimensionNumbers",
+    "InSubspaceState",
     "LimitNormGrowthState",
     "LowRankAdamState",
     "LowRankUpdate",
     "ProjectState",
+    "ProjectionSpec",
     "ScaleByLearningRateState",
     "describe_projection",
     "fira",
     "galore",
+    "in_subspace",
     "limit_norm_growth",
     "norm_scale_residual",
     "optimizer_state_shardings",

@@ -8,16 +8,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_optax import _masks
+from fira_optax._checks import concrete
 from fira_optax._limiter import limit_norm_growth
-from fira_optax._low_rank_adam import scale_by_low_rank_adam
+from fira_optax._project import project
 from fira_optax._project_back import project_back
-from fira_optax._projection import project
 from fira_optax._residual import norm_scale_residual
+from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec
+from fira_optax._subspace import in_subspace, scale_by_low_rank_adam
 
 
 def _low_rank_direction(
-    residual_blocks: tuple[optax.GradientTransformation, ...],
+    fira: bool,
     *,
     rank: int,
     update_proj_gap: int,
@@ -26,17 +27,30 @@ def _low_rank_direction(
     b1: jax.typing.ArrayLike,
     b2: jax.typing.ArrayLike,
     eps: jax.typing.ArrayLike,
-    projected: _masks.ProjectedSpec,
+    gamma: jax.typing.ArrayLike,
+    projected: ProjectedSpec,
+    dimension_numbers: DimensionNumbersSpec,
     refresh: str,
     mu_dtype: Any,
+    base_optimizer: optax.GradientTransformation | None,
 ) -> optax.GradientTransformation:
-    """`project → scale_by_low_rank_adam → *residual_blocks → project_back`."""
+    """`project → subspace optimizer → [norm_scale_residual → limit_norm_growth] →
+    project_back`, every stateful block sharing one spec."""
+    spec = ProjectionSpec(rank, proj_type, projected, dimension_numbers)
+    if base_optimizer is None:
+        subspace = scale_by_low_rank_adam(b1, b2, eps, spec=spec, mu_dtype=mu_dtype)
+    else:
+        if mu_dtype is not None:
+            raise ValueError(
+                "mu_dtype is an option of the default subspace Adam; with "
+                "base_optimizer=, set the dtype in the base optimizer."
+            )
+        subspace = in_subspace(base_optimizer, spec=spec)
+    residual = (norm_scale_residual(), limit_norm_growth(gamma, spec=spec)) if fira else ()
     return optax.chain(
-        project(rank, update_proj_gap, scale, proj_type, projected=projected, refresh=refresh),
-        scale_by_low_rank_adam(
-            b1, b2, eps, rank=rank, proj_type=proj_type, projected=projected, mu_dtype=mu_dtype
-        ),
-        *residual_blocks,
+        project(spec=spec, update_proj_gap=update_proj_gap, scale=scale, refresh=refresh),
+        subspace,
+        *residual,
         project_back(),
     )
 
@@ -50,13 +64,15 @@ def scale_by_galore(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
-    projected: _masks.ProjectedSpec = None,
+    projected: ProjectedSpec = None,
+    dimension_numbers: DimensionNumbersSpec = None,
     refresh: str = "svd",
     mu_dtype: Any = None,
+    base_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
     """GaLore's direction (no learning rate): see :func:`galore`."""
     return _low_rank_direction(
-        (),
+        False,
         rank=rank,
         update_proj_gap=update_proj_gap,
         scale=scale,
@@ -64,9 +80,12 @@ def scale_by_galore(
         b1=b1,
         b2=b2,
         eps=eps,
+        gamma=1.01,
         projected=projected,
+        dimension_numbers=dimension_numbers,
         refresh=refresh,
         mu_dtype=mu_dtype,
+        base_optimizer=base_optimizer,
     )
 
 
@@ -80,17 +99,20 @@ def scale_by_fira(
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     gamma: jax.typing.ArrayLike = 1.01,
-    projected: _masks.ProjectedSpec = None,
+    projected: ProjectedSpec = None,
+    dimension_numbers: DimensionNumbersSpec = None,
     refresh: str = "svd",
     mu_dtype: Any = None,
+    base_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
     """Fira's direction (no learning rate): see :func:`fira`.
 
     Equal to the building-block chain
-    `project → scale_by_low_rank_adam → norm_scale_residual → limit_norm_growth → project_back`.
+    `project → scale_by_low_rank_adam → norm_scale_residual → limit_norm_growth → project_back`
+    with one :class:`ProjectionSpec` shared by the stateful blocks.
     """
     return _low_rank_direction(
-        (norm_scale_residual(), limit_norm_growth(gamma, projected=projected)),
+        True,
         rank=rank,
         update_proj_gap=update_proj_gap,
         scale=scale,
@@ -98,9 +120,12 @@ def scale_by_fira(
         b1=b1,
         b2=b2,
         eps=eps,
+        gamma=gamma,
         projected=projected,
+        dimension_numbers=dimension_numbers,
         refresh=refresh,
         mu_dtype=mu_dtype,
+        base_optimizer=base_optimizer,
     )
 
 
@@ -116,7 +141,7 @@ class ScaleByLearningRateState(NamedTuple):
 
 def scale_by_learning_rate_and_decay(
     learning_rate: optax.ScalarOrSchedule,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay: optax.ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformation:
     """`W ← W − lr_t·u`, then decoupled decay *of the updated weights*: `W ← W − lr_t·wd·W`.
 
@@ -125,12 +150,19 @@ def scale_by_learning_rate_and_decay(
 
     Args:
       learning_rate: a scalar or a schedule `count -> lr`.
-      weight_decay: a scalar or a schedule `count -> wd`.
+      weight_decay: None or 0 (no decay), a scalar or a schedule `count -> wd`.
 
     Returns:
-      An `optax.GradientTransformation` (needs `params` when `weight_decay` is not 0).
+      An `optax.GradientTransformation`. It needs `params` when there is weight decay. Under
+      `optax.inject_hyperparams` a `weight_decay` that was passed becomes a (traced) array
+      whose value cannot be checked at trace time, so it needs `params` even when it is 0;
+      the default (None) stays static and needs none.
     """
-    static_no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
+    no_decay = weight_decay is None or (
+        not callable(weight_decay)
+        and (known := concrete(weight_decay)) is not None
+        and not known.any()
+    )
 
     def init_fn(params):
         del params
@@ -139,13 +171,15 @@ def scale_by_learning_rate_and_decay(
     def update_fn(updates, state, params=None):
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr, jnp.float32)
-        if static_no_decay:
+        if no_decay:
             new = jax.tree.map(lambda u: (-lr * u.astype(jnp.float32)).astype(u.dtype), updates)
         else:
             if params is None:
                 raise ValueError(
-                    "fira/galore with weight_decay need the params: call "
-                    "tx.update(grads, state, params)."
+                    f"fira/galore with weight_decay={weight_decay!r} need the params: call "
+                    "tx.update(grads, state, params). (Under optax.inject_hyperparams a "
+                    "weight_decay you pass is a traced array even when it is 0: leave it at "
+                    "its default None, or list 'weight_decay' in static_args.)"
                 )
             wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
             wd = jnp.asarray(wd, jnp.float32)
@@ -170,10 +204,12 @@ def galore(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    projected: _masks.ProjectedSpec = None,
+    weight_decay: optax.ScalarOrSchedule | None = None,
+    projected: ProjectedSpec = None,
+    dimension_numbers: DimensionNumbersSpec = None,
     refresh: str = "svd",
     mu_dtype: Any = None,
+    base_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
     r"""GaLore: AdamW with its moments in a low-rank gradient subspace.
 
@@ -190,10 +226,15 @@ def galore(
       b1: first-moment decay.
       b2: second-moment decay.
       eps: added to `√v` (HF-style).
-      weight_decay: decoupled, applied after the step to the updated weights, times lr_t.
-      projected: which leaves are projected; see :func:`projected_mask`.
+      weight_decay: None (no decay) or decoupled decay, applied after the step to the
+        updated weights, times lr_t.
+      projected: which leaves are projected; see :class:`ProjectionSpec`.
+      dimension_numbers: how a leaf is read as matrices; see :class:`ProjectionSpec`.
       refresh: "svd" or "randomized".
       mu_dtype: dtype of the first moment.
+      base_optimizer: None (the official low-rank Adam) or any gradient-only optax
+        transform to run inside the subspace (see :func:`in_subspace`; `b1`, `b2`, `eps` and
+        `mu_dtype` are then unused).
 
     Returns:
       An `optax.GradientTransformation`.
@@ -221,8 +262,10 @@ def galore(
             b2=b2,
             eps=eps,
             projected=projected,
+            dimension_numbers=dimension_numbers,
             refresh=refresh,
             mu_dtype=mu_dtype,
+            base_optimizer=base_optimizer,
         ),
         scale_by_learning_rate_and_decay(learning_rate, weight_decay),
     )
@@ -238,11 +281,13 @@ def fira(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay: optax.ScalarOrSchedule | None = None,
     gamma: jax.typing.ArrayLike = 1.01,
-    projected: _masks.ProjectedSpec = None,
+    projected: ProjectedSpec = None,
+    dimension_numbers: DimensionNumbersSpec = None,
     refresh: str = "svd",
     mu_dtype: Any = None,
+    base_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
     r"""Fira: full-rank training with a low-rank optimizer state.
 
@@ -291,12 +336,20 @@ def fira(
       b1: first-moment decay.
       b2: second-moment decay.
       eps: added to `√v` (HF-style).
-      weight_decay: decoupled, applied after the step to the updated weights, times lr_t.
-      gamma: γ, the limiter's allowed norm growth per step.
-      projected: which leaves are projected; see :func:`projected_mask` (default: the ≥2-D
-        leaves that are not embeddings, heads or norms).
+      weight_decay: None (no decay) or decoupled decay, applied after the step to the
+        updated weights, times lr_t.
+      gamma: γ ≥ 1, the limiter's allowed norm growth per step.
+      projected: which leaves are projected; see :class:`ProjectionSpec` (default: the
+        attention / MLP kernels — leaves with a matrix view that are not embeddings, heads,
+        norms or biases, and whose low-rank state is smaller than AdamW's).
+      dimension_numbers: how a leaf is read as (a stack of) matrices; see
+        :class:`ProjectionSpec` (default: multi-head and conv kernels as one matrix, input
+        axes × output axes; scanned layers and experts as stacks).
       refresh: "svd" (exact, the reference) or "randomized" (subspace iteration).
       mu_dtype: dtype of the first moment (default float32).
+      base_optimizer: None (the official low-rank Adam) or any gradient-only optax
+        transform to run inside the subspace, e.g. `optax.scale_by_factored_rms()` (see
+        :func:`in_subspace`; `b1`, `b2`, `eps` and `mu_dtype` are then unused).
 
     Returns:
       An `optax.GradientTransformation`.
@@ -325,8 +378,10 @@ def fira(
             eps=eps,
             gamma=gamma,
             projected=projected,
+            dimension_numbers=dimension_numbers,
             refresh=refresh,
             mu_dtype=mu_dtype,
+            base_optimizer=base_optimizer,
         ),
         scale_by_learning_rate_and_decay(learning_rate, weight_decay),
     )

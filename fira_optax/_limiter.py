@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_optax import _masks
-from fira_optax._projection import back_matrix, check_hyperparams, is_low_rank, rank_axis
+from fira_optax._checks import check_real
+from fira_optax._node import is_low_rank
+from fira_optax._shapes import back_matrix, per_matrix, rank_axis
+from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec, make_spec
 
 #: Added to the remembered norm in the growth ratio, as in the official code.
 LIMITER_EPS = 1e-8
@@ -23,14 +25,21 @@ class LimitNormGrowthState(NamedTuple):
     """State of :func:`limit_norm_growth`.
 
     Attributes:
-      count: number of updates taken so far, `shape=(), dtype=int32`; at 0 the norm is only
-        remembered (the official first-step rule).
+      count: number of updates taken so far, `shape=(), dtype=int32`.
       norms: a tree like params: for a projected leaf, the remembered residual norm `g`
-        (float32, one per matrix: shape `(...)` of the leaf's batch axes); None elsewhere.
+        (float32, one per matrix: shape `(...)` of the leaf's stack axes; 0 until the matrix's
+        first non-zero residual); None elsewhere.
     """
 
     count: jax.Array
     norms: Any
+
+
+def _safe_norm(x: jax.Array) -> jax.Array:
+    """`‖x‖_F` per matrix over the last two axes, without overflow for any finite `x`."""
+    amax = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+    unit = jnp.where(amax > 0, amax, 1.0)
+    return jnp.sqrt(jnp.sum(jnp.square(x / unit), axis=(-2, -1))) * amax[..., 0, 0]
 
 
 def residual_norm(u: Any) -> jax.Array:
@@ -41,11 +50,15 @@ def residual_norm(u: Any) -> jax.Array:
     `‖G_i − α·back(R_i)‖² = (‖G_i‖² − ‖R_i‖²) + (1 − α)²‖R_i‖²` (exact for an orthonormal
     basis): one reduction over G instead of a third m×n×k matmul.
 
-    The first term cancels when G lies (almost) inside the subspace — e.g. on a refresh step
-    when the rank keeps a whole side of the matrix — and its float32 round-off (~1e-7·‖G_i‖²)
-    would then dominate. When the fast `‖S‖²` is below `CANCELLATION` × `Σ φ²‖G_i‖²` for any
-    matrix of the leaf, the exact norm of the explicit `S` is computed instead (under
-    `lax.cond`, so the extra matmul runs only on such steps).
+    The exact norm of the explicit `S` (scaled before squaring, so it cannot overflow for any
+    finite input) is computed instead, under `lax.cond` so the extra matmul runs only on such
+    steps, when for any matrix of the leaf
+
+    - the first term cancels: the fast `‖S‖²` is below `CANCELLATION` × `Σ φ²‖G_i‖²` (G lies
+      almost inside the subspace, e.g. on a refresh step when the rank keeps a whole side of
+      the matrix; its float32 round-off, ~1e-7·‖G_i‖², would dominate), or
+    - a square overflowed: a huge but finite gradient (`‖G_i‖² > 3.4e38`) would give
+      `inf − inf`.
     """
     axis = rank_axis(u.side)
     grad = u.grad.astype(jnp.float32)
@@ -59,70 +72,89 @@ def residual_norm(u: Any) -> jax.Array:
 
     def exact():
         back = u.scale * back_matrix(u.low_rank, u.basis, u.side)
-        residual = u.residual_scale * (grad - back)
-        return jnp.sqrt(jnp.sum(jnp.square(residual), axis=(-2, -1)))
+        return _safe_norm(u.residual_scale * (grad - back))
 
-    cancels = jnp.any(fast_sq < CANCELLATION * scale_sq)
-    return jax.lax.cond(cancels, exact, lambda: jnp.sqrt(fast_sq))
+    fallback = jnp.any((fast_sq < CANCELLATION * scale_sq) | ~jnp.isfinite(fast_sq + scale_sq))
+    return jax.lax.cond(fallback, exact, lambda: jnp.sqrt(fast_sq))
 
 
 def limit_norm_growth(
-    gamma: jax.typing.ArrayLike = 1.01, *, projected: _masks.ProjectedSpec = None
+    gamma: jax.typing.ArrayLike = 1.01,
+    *,
+    projected: ProjectedSpec = None,
+    dimension_numbers: DimensionNumbersSpec = None,
+    spec: ProjectionSpec | None = None,
 ) -> optax.GradientTransformation:
     """Lets the residual's norm grow at most `gamma`× per step (Fira's spike guard).
 
-    First step: remember `g = ‖S‖_F`, no limiting. Later steps:
+    First step of a matrix: remember `g = ‖S‖_F`, no limiting. Later steps:
     `λ = max(‖S‖ / (g + 1e-8), γ) / γ`, `S ← S / λ`, `g ← ‖S‖ / λ` (the norm after limiting).
     Must follow :func:`fira_optax.norm_scale_residual`. Each matrix (also each matrix of a
     stacked leaf) has its own memory `g`; the memory is carried across basis refreshes.
 
+    **Zero residuals.** A matrix whose residual norm is exactly zero (an idle expert or a
+    frozen layer: a zero gradient) leaves its memory untouched, and a matrix whose memory is
+    still 0 takes the first-step rule: an idle step neither resets nor throttles the limiter,
+    where the official code would remember 0 and then hold the residual at 1.01× per step
+    from 1e-8. A non-finite norm also leaves the memory untouched. On non-degenerate input
+    this is exactly the official rule.
+
     Args:
       gamma: γ ≥ 1, the allowed growth factor per step.
       projected: the `projected` given to `project` (it sets which leaves get a memory).
+      dimension_numbers: the `dimension_numbers` given to `project` (the stack shape).
+      spec: the shared :class:`fira_optax.ProjectionSpec` (instead of the two above).
 
     Returns:
       An `optax.GradientTransformation`.
     """
-    check_hyperparams(gamma=gamma)
+    check_real(
+        "gamma",
+        gamma,
+        low=1.0,
+        low_open=False,
+        what="a finite number >= 1 (the allowed norm growth per step)",
+    )
+    spec = make_spec(
+        "limit_norm_growth", spec, None, "std", projected, dimension_numbers, need_rank=False
+    )
 
     def init_fn(params):
-        mask = _masks.projected_mask(params, projected)
-        norms = jax.tree.map(
-            lambda p, is_proj: jnp.zeros(p.shape[:-2], jnp.float32) if is_proj else None,
-            params,
-            mask,
+        norms = jax.tree.structure(params).unflatten(
+            [
+                None if plan is None else jnp.zeros(plan.batch_shape, jnp.float32)
+                for plan in spec.flat_plans(params)
+            ]
         )
         return LimitNormGrowthState(count=jnp.zeros([], jnp.int32), norms=norms)
 
     def update_fn(updates, state, params=None):
         del params
-        first = state.count == 0
-        flat_u, treedef = jax.tree.flatten_with_path(updates, is_leaf=is_low_rank)
+        flat_u, treedef = jax.tree.flatten(updates, is_leaf=is_low_rank)
         flat_norms = treedef.flatten_up_to(state.norms)
         new_updates, new_norms = [], []
-        for (path, u), memory in zip(flat_u, flat_norms, strict=True):
+        for u, memory in zip(flat_u, flat_norms, strict=True):
             if not is_low_rank(u):
                 new_updates.append(u)
                 new_norms.append(memory)
                 continue
             if u.residual_scale is None:
                 raise ValueError(
-                    f"limit_norm_growth: leaf {_masks.path_str(path)!r} has no residual; put "
+                    f"limit_norm_growth: leaf {u.plan.path!r} has no residual; put "
                     "norm_scale_residual() before limit_norm_growth() in the chain."
                 )
-            if memory is None or memory.shape != u.grad.shape[:-2]:
+            if memory is None or memory.shape != u.plan.batch_shape:
                 raise ValueError(
-                    f"limit_norm_growth: leaf {_masks.path_str(path)!r} is projected but the state "
-                    "has no norm memory for it. Give limit_norm_growth the same `projected` as "
-                    "project()."
+                    f"limit_norm_growth: leaf {u.plan.path!r} is projected but the state has "
+                    "no norm memory for it. Give limit_norm_growth the spec (or the "
+                    "`projected` and `dimension_numbers`) given to project()."
                 )
             norm = residual_norm(u)
             ratio = jnp.maximum(norm / (memory + LIMITER_EPS), gamma) / gamma
-            limiter = jnp.where(first, 1.0, ratio)
-            new_norms.append(norm / limiter)
-            new_updates.append(
-                u.replace(residual_scale=u.residual_scale / limiter[..., None, None])
-            )
+            limiter = jnp.where(memory > 0, ratio, 1.0)
+            remember = (norm > 0) & jnp.isfinite(norm)
+            new_norms.append(jnp.where(remember, norm / limiter, memory))
+            new_updates.append(u.replace(residual_scale=u.residual_scale / per_matrix(limiter)))
         return treedef.unflatten(new_updates), LimitNormGrowthState(
             count=optax.safe_increment(state.count), norms=treedef.unflatten(new_norms)
         )

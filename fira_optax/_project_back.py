@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
-from fira_optax._projection import LowRankUpdate, back_matrix, map_nodes
+from fira_optax._node import LowRankUpdate, map_nodes
+from fira_optax._shapes import back_matrix
 
 
-def dense_update(u: LowRankUpdate) -> jnp.ndarray:
-    """`step_scale · (α·back(N) + S)` as a dense array in the gradient's dtype.
+def dense_update(u: LowRankUpdate) -> jax.Array:
+    """`step_scale · (α·back(N) + S)` as a dense array of the leaf's shape and dtype.
 
     With the implicit residual `S = φ ⊙ (G − α·back(R))` and φ constant along the rank axis,
     `φ ⊙ back(R) = back(φ ⊙ R)`, so `α·back(N) + S = α·back(N − φ ⊙ R) + φ ⊙ G`: one
@@ -23,15 +25,17 @@ def dense_update(u: LowRankUpdate) -> jnp.ndarray:
         dense = back_matrix(low_rank, u.basis, u.side) + (u.step_scale * phi) * u.grad.astype(
             jnp.float32
         )
-    return dense.astype(u.grad.dtype)
+    return u.plan.view.from_matrix(dense.astype(u.grad.dtype))
 
 
 def project_back() -> optax.GradientTransformation:
     """Ends the projected part of a chain: every :class:`LowRankUpdate` becomes a dense update.
 
     The output for a projected leaf is `c_t·(α·back(N) + S)` (GaLore: `c_t·α·back(N)`), `c_t`
-    the bias correction set by :func:`fira_optax.scale_by_low_rank_adam`; dense leaves pass
-    through. See :func:`fira_optax.fira` for the maths.
+    the node's step scale (the bias correction set by
+    :func:`fira_optax.scale_by_low_rank_adam`, times any scalar a transform in between
+    multiplied the node by), in the leaf's shape; dense leaves pass through. See
+    :func:`fira_optax.fira` for the maths.
 
     Returns:
       A stateless `optax.GradientTransformation`.

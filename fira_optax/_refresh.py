@@ -10,6 +10,8 @@ sign, so we fix it.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -90,3 +92,38 @@ def randomized_basis(
     top_lxk = eigvecs_lxl[..., ::-1][..., :k]
     basis_mxk = q_mxl @ top_lxk
     return _from_left(canonicalize_signs(basis_mxk), side)
+
+
+def refresh_basis(
+    grad: jax.Array, basis: jax.Array, k: int, side: str, key: jax.Array, refresh: str
+) -> jax.Array:
+    """A new basis for a (stack of) matrices `(..., m, n)`.
+
+    A matrix keeps its previous basis when the refresh fails (non-finite gradient, an SVD that
+    did not converge) or when its gradient is exactly zero (an idle expert, a frozen layer:
+    the SVD of zero would replace a good basis by an arbitrary one).
+
+    Stacked leaves are refreshed one matrix at a time (`lax.map`): XLA:CPU's batched LAPACK
+    kernels split a batch over the intra-op thread pool and block on it, which can deadlock
+    when several host devices run at once; one matrix per call avoids that and costs nothing
+    on CPU (each SVD is already sequential LAPACK work).
+    """
+
+    def one(grad_mxn, basis_old, key_one):
+        if refresh == "svd":
+            candidate = svd_basis(grad_mxn, k, side)
+        else:
+            candidate = randomized_basis(grad_mxn, basis_old, k, side, key_one)
+        ok = jnp.all(jnp.isfinite(candidate)) & jnp.any(grad_mxn != 0)
+        return jnp.where(ok, candidate, basis_old)
+
+    batch = grad.shape[:-2]
+    if not batch:
+        return one(grad, basis, key)
+    size = math.prod(batch)
+    keys = jax.random.split(key, size)
+    flat = jax.lax.map(
+        lambda args: one(*args),
+        (grad.reshape(size, *grad.shape[-2:]), basis.reshape(size, *basis.shape[-2:]), keys),
+    )
+    return flat.reshape(basis.shape)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from fira_optax._projection import map_nodes, rank_axis
+from fira_optax._node import map_nodes
+from fira_optax._shapes import rank_axis
 
 #: Added to ‖R‖ in φ = ‖N‖ / (‖R‖ + NORM_EPS), as in the official code.
 NORM_EPS = 1e-8
@@ -18,6 +19,9 @@ def residual_scale(direction: jnp.ndarray, low_rank: jnp.ndarray, side: str) -> 
     φ is `m×1` (one per row). This is the official "R's smaller dimension" rule on every shape
     except a left projection with `k == n`, where the official code reduces the other axis
     (and crashes unless the matrix is square); see the README's "Differences".
+
+    `jnp.linalg.norm` does not overflow before its result does: a gradient spike large enough
+    to make ‖R‖ infinite gives φ = 0 (the residual of that step is dropped), never NaN.
     """
     axis = rank_axis(side)
     norm_n = jnp.linalg.norm(direction, axis=axis, keepdims=True)
@@ -28,8 +32,8 @@ def residual_scale(direction: jnp.ndarray, low_rank: jnp.ndarray, side: str) -> 
 def norm_scale_residual(scaled: bool = True) -> optax.GradientTransformation:
     """Keeps the residual `S = φ ⊙ (G − α·back(R))`, scaled like the low-rank direction.
 
-    Must follow :func:`fira_optax.scale_by_low_rank_adam` (φ compares the direction `N` with
-    the low-rank gradient `R`). The residual is stored implicitly as φ in the
+    Must follow the subspace optimizer (φ compares its direction `N` with the low-rank
+    gradient `R`). The residual is stored implicitly as φ in the
     :class:`fira_optax.LowRankUpdate` node and materialized by `project_back`. Dense leaves
     pass through. See :func:`fira_optax.fira` for the maths.
 
@@ -47,7 +51,6 @@ def norm_scale_residual(scaled: bool = True) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        new = map_nodes(lambda u: u.replace(residual_scale=phi(u)), updates)
-        return new, state
+        return map_nodes(lambda u: u.replace(residual_scale=phi(u)), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

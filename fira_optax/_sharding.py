@@ -1,22 +1,29 @@
 """Shardings of the optimizer state, derived from the params' shardings.
 
 The state of :func:`fira_optax.fira` / :func:`fira_optax.galore` (and of any chain of the
-building blocks, or of plain optax transforms) holds, per param leaf `W` of shape
-`(..., m, n)` with sharding `PartitionSpec(*batch, s_m, s_n)`:
+building blocks, of plain optax transforms, and of the optax wrappers around them:
+`MultiSteps`, `inject_hyperparams`, `apply_if_finite`, `chain`, `multi_transform`, `masked`)
+holds, per param leaf `W` read as matrices `(*batch, m, n)` (its matrix view, see
+:class:`fira_optax.DimensionNumbers`; for a plain matrix `W` itself) with sharding
+`PartitionSpec(*s_batch, s_m, s_n)`:
 
 | state leaf                          | shape          | sharding                    |
-| basis, left side (`P = U[:, :k]`)   | `(..., m, k)`  | `(*batch, s_m, None)`       |
-| basis, right side (`P = Vh[:k]`)    | `(..., k, n)`  | `(*batch, None, s_n)`       |
-| low-rank moments, left side         | `(..., k, n)`  | `(*batch, None, s_n)`       |
-| low-rank moments, right side        | `(..., m, k)`  | `(*batch, s_m, None)`       |
-| full moments (not projected leaves) | `(..., m, n)`  | the param's                 |
-| limiter memory `g`                  | `(...)`        | `(*batch)`                  |
+| basis, left side (`P = U[:, :k]`)   | `(..., m, k)`  | `(*s_batch, s_m, None)`     |
+| basis, right side (`P = Vh[:k]`)    | `(..., k, n)`  | `(*s_batch, None, s_n)`     |
+| low-rank moments, left side         | `(..., k, n)`  | `(*s_batch, None, s_n)`     |
+| low-rank moments, right side        | `(..., m, k)`  | `(*s_batch, s_m, None)`     |
+| full moments (not projected leaves) | like `W`       | the param's                 |
+| per-matrix scalars (limiter, steps) | `(...)`        | `(*s_batch)`                |
 | counts and other scalars            | `()`           | replicated                  |
 
 i.e. every state leaf is sharded along the axes it shares with its param, and replicated along
-the rank axis `k`. The rule is read off the *shapes*, not off a hard-coded chain layout: the
+the rank axis `k`. When `m` (or `n`) merges several param axes (a multi-head kernel
+`(d, heads, head_dim)` read as `d × heads·head_dim`), it takes the mesh axes of the sharded
+ones, major first. The rule is read off the *shapes*, not off a hard-coded chain layout: the
 state is walked and every sub-tree that has the params' tree structure (`bases`, `mu`, `nu`,
-`norms`, but also `optax.adam`'s `mu`/`nu`, ...) is matched leaf by leaf to the params.
+`norms`, but also `optax.adam`'s `mu`/`nu`, `MultiSteps`' accumulated gradients, ...) is
+matched leaf by leaf to the params; a state leaf is matched against the param's default matrix
+view first, then against every other way of reading the param as matrices.
 """
 
 from __future__ import annotations
@@ -27,11 +34,10 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fira_optax._shapes import MatrixView
+from fira_optax._spec import default_view, path_str
+
 __all__ = ["optimizer_state_shardings", "state_partition_spec"]
-
-
-def _is_sharding_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, (PartitionSpec, jax.sharding.Sharding))
 
 
 def _has_shape(x: Any) -> bool:
@@ -45,36 +51,71 @@ def _padded(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
     return entries + (None,) * (ndim - len(entries))
 
 
+def _merged(entries: list[Any]) -> Any:
+    """The spec entry of an axis merged (row-major) from axes with these entries."""
+    axes: list[str] = []
+    for entry in entries:
+        if entry is None:
+            continue
+        axes.extend(entry if isinstance(entry, tuple) else (entry,))
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _candidate_views(shape: tuple[int, ...], first: MatrixView | None) -> list[MatrixView]:
+    """`first`, then every view with leading stack axes and a contiguous row/column split."""
+    views = [first] if first is not None else []
+    ndim = len(shape)
+    for nb in range(ndim - 1):
+        for split in range(nb + 1, ndim):
+            views.append(
+                MatrixView(
+                    shape,
+                    tuple(range(nb)),
+                    tuple(range(nb, split)),
+                    tuple(range(split, ndim)),
+                )
+            )
+    return views
+
+
 def state_partition_spec(
-    state_shape: tuple[int, ...], param_shape: tuple[int, ...], param_spec: PartitionSpec
+    state_shape: tuple[int, ...],
+    param_shape: tuple[int, ...],
+    param_spec: PartitionSpec,
+    view: MatrixView | None = None,
 ) -> PartitionSpec:
     """The `PartitionSpec` of one state leaf matched to the param leaf it belongs to.
 
     Args:
       state_shape: shape of the state leaf.
-      param_shape: shape of its param, `(..., m, n)` for a matrix or a stack of matrices.
+      param_shape: shape of its param.
       param_spec: the param's `PartitionSpec`.
+      view: the param's matrix view, tried first (default: the plain `(..., m, n)` reading
+        and every other view of the param's axes).
 
     Returns:
-      The param's spec for a leaf of the param's shape; for `(..., m, k)` the batch and `m`
-      entries (`k` replicated); for `(..., k, n)` the batch and `n` entries; for the batch
+      The param's spec for a leaf of the param's shape; for `(*batch, m, k)` the batch and `m`
+      entries (`k` replicated); for `(*batch, k, n)` the batch and `n` entries; for the batch
       shape `(...)` the batch entries; replicated for anything else (scalars included).
     """
     state_shape, param_shape = tuple(state_shape), tuple(param_shape)
     spec = _padded(param_spec, len(param_shape))
     if state_shape == param_shape:
         return PartitionSpec(*spec)
-    if len(param_shape) >= 2:
-        nb = len(param_shape) - 2
-        batch, s_m, s_n = spec[:nb], spec[-2], spec[-1]
-        m, n = param_shape[-2:]
-        if len(state_shape) == len(param_shape) and state_shape[:nb] == param_shape[:nb]:
-            if state_shape[-2] == m:  # (..., m, k): left basis / right low-rank moments
-                return PartitionSpec(*batch, s_m, None)
-            if state_shape[-1] == n:  # (..., k, n): right basis / left low-rank moments
-                return PartitionSpec(*batch, None, s_n)
-        if state_shape == param_shape[:nb]:  # per-matrix scalars (limiter memory)
+    for v in _candidate_views(param_shape, view):
+        batch = [spec[a] for a in v.batch_axes]
+        nb = len(batch)
+        if state_shape == v.batch_shape:
             return PartitionSpec(*batch)
+        if len(state_shape) != nb + 2 or state_shape[:nb] != v.batch_shape:
+            continue
+        k_max = min(v.m, v.n)
+        if state_shape[-2] == v.m and state_shape[-1] <= k_max:  # (..., m, k)
+            return PartitionSpec(*batch, _merged([spec[a] for a in v.row_axes]), None)
+        if state_shape[-1] == v.n and state_shape[-2] <= k_max:  # (..., k, n)
+            return PartitionSpec(*batch, None, _merged([spec[a] for a in v.col_axes]))
     return PartitionSpec()
 
 
@@ -126,12 +167,16 @@ def optimizer_state_shardings(
     along the rank axis (see the module docstring for the table): nothing of size m×n is
     replicated, and a tensor-/FSDP-sharded param gets a sharded basis and sharded moments.
 
-    Works for :func:`fira_optax.fira`, :func:`fira_optax.galore`, chains of the building blocks
-    and plain optax transforms (their per-param moments are sharded like the params).
+    Works for :func:`fira_optax.fira`, :func:`fira_optax.galore`, chains of the building blocks,
+    plain optax transforms (their per-param moments are sharded like the params) and the optax
+    wrappers around them (`optax.MultiSteps`, `inject_hyperparams`, `apply_if_finite`,
+    `chain`, `multi_transform`, `masked`); a state that holds something other than arrays
+    raises a `TypeError` naming the state type that holds it.
 
     Args:
-      tx_or_state: an `optax.GradientTransformation` (its `init` is traced with
-        `jax.eval_shape`), or a state (arrays or `jax.ShapeDtypeStruct`s) already built.
+      tx_or_state: an `optax.GradientTransformation` or an object with `init`/`update` such
+        as `optax.MultiSteps` (its `init` is traced with `jax.eval_shape`), or a state
+        (arrays or `jax.ShapeDtypeStruct`s) already built.
       params: the params, or their `jax.ShapeDtypeStruct`s.
       param_shardings: a tree like `params` of `NamedSharding`s, or of `PartitionSpec`s
         (then `mesh` is needed), None leaves meaning replicated. Default: the params' own
@@ -156,12 +201,16 @@ def optimizer_state_shardings(
       >>> state[0][1].mu["w"].sharding.spec  # low-rank moment (4, 16): sharded along n
       P(None, 'model')
     """
-    if isinstance(tx_or_state, optax.GradientTransformation):
+    if callable(getattr(tx_or_state, "init", None)) and callable(
+        getattr(tx_or_state, "update", None)
+    ):  # a GradientTransformation, or an optax wrapper object such as optax.MultiSteps
         state = jax.eval_shape(tx_or_state.init, params)
     else:
         state = tx_or_state
     params_def = jax.tree.structure(params)
-    param_shapes = [tuple(p.shape) for p in params_def.flatten_up_to(params)]
+    flat_params = jax.tree.leaves_with_path(params)
+    param_shapes = [tuple(p.shape) for _, p in flat_params]
+    views = [default_view(path_str(path), tuple(p.shape)) for path, p in flat_params]
     specs, mesh = _param_specs(params, param_shardings, mesh)
     params_is_leaf = params_def.num_nodes == 1
 
@@ -177,27 +226,29 @@ def optimizer_state_shardings(
         except (ValueError, TypeError):
             return None
 
-    def walk(node: Any) -> Any:
+    def leaf_spec(x: Any, i: int) -> NamedSharding:
+        return named(state_partition_spec(x.shape, param_shapes[i], specs[i], views[i]))
+
+    def walk(node: Any, owner: str) -> Any:
         if _has_shape(node):  # a leaf outside any params-like sub-tree: counts, scalars
-            if params_is_leaf:
-                return named(state_partition_spec(node.shape, param_shapes[0], specs[0]))
+            return leaf_spec(node, 0) if params_is_leaf else named(PartitionSpec())
+        if isinstance(node, (bool, int, float, complex)):  # a Python scalar leaf
             return named(PartitionSpec())
         matched = match(node)
         if matched is not None:
-            out = []
-            for sub, shape, spec in zip(matched, param_shapes, specs, strict=True):
-                out.append(
-                    jax.tree.map(
-                        lambda x, shape=shape, spec=spec: named(
-                            state_partition_spec(x.shape, shape, spec)
-                        ),
-                        sub,
-                    )
-                )
+            out = [
+                jax.tree.map(lambda x, i=i: leaf_spec(x, i), sub) for i, sub in enumerate(matched)
+            ]
             return params_def.unflatten(out)
         children, treedef = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
-        if treedef.num_leaves == 1 and treedef.num_nodes == 1:  # an opaque leaf (not an array)
-            return node
-        return treedef.unflatten([walk(c) for c in children])
+        if treedef.num_leaves == 1 and treedef.num_nodes == 1:  # not an array, not a pytree
+            raise TypeError(
+                f"optimizer_state_shardings: the state of {owner} holds a "
+                f"{type(node).__name__} ({node!r:.80}), which is neither an array nor a "
+                "pytree of arrays; pass the state's shardings for this wrapper yourself."
+            )
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            owner = type(node).__name__
+        return treedef.unflatten([walk(c, owner) for c in children])
 
-    return walk(state)
+    return walk(state, type(state).__name__)

@@ -238,12 +238,12 @@ def run_sharded(tx, specs, mesh):
         params, updates, state = step(params, state, grads)
         got = jax.tree.leaves(state)
         assert len(got) == len(want)
-        paths = [fo._masks.path_str(p) for p, _ in jax.tree.leaves_with_path(state)]
+        paths = [fo._spec.path_str(p) for p, _ in jax.tree.leaves_with_path(state)]
         for path, x, s in zip(paths, got, want, strict=True):
             if not x.sharding.is_equivalent_to(s, x.ndim):
                 bad.append(f"step {t + 1} {path}: got {x.sharding.spec}, want {s.spec}")
         for path, x, p in zip(
-            [fo._masks.path_str(p) for p, _ in jax.tree.leaves_with_path(params)],
+            [fo._spec.path_str(p) for p, _ in jax.tree.leaves_with_path(params)],
             jax.tree.leaves(params),
             jax.tree.leaves(param_sh),
             strict=True,

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import fira_optax as fo
-from tests._problems import OPTIMIZERS, block_chain, matrix_problem
+from _problems import OPTIMIZERS, block_chain, matrix_problem
 
 NAMES = sorted(OPTIMIZERS)
 

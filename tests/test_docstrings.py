@@ -4,10 +4,10 @@ import doctest
 
 import pytest
 
-from fira_optax import _alias, _masks
+from fira_optax import _alias, _describe, _sharding
 
 
-@pytest.mark.parametrize("module", [_alias, _masks])
+@pytest.mark.parametrize("module", [_alias, _describe, _sharding])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0

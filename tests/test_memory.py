@@ -37,12 +37,13 @@ def state_bytes(tx, params):
 
 
 def analytic_fira_bytes(limiter=True):
-    """P (k × kept dim) + two low-rank moments (k × other dim) + one limiter scalar."""
+    """P (k × kept dim) + two low-rank moments (k × other dim) + one int32 step count (the
+    per-matrix bias correction) + one limiter scalar."""
     per_layer = 0
     for m, n in [(D, D)] * 4 + [(D, FFN)] * 2 + [(FFN, D)]:
         k = min(RANK, m, n)
         kept, other = (n, m) if m >= n else (m, n)  # std: right if tall/square else left
-        per_layer += 4 * (k * kept + 2 * k * other + (1 if limiter else 0))
+        per_layer += 4 * (k * kept + 2 * k * other + 1 + (1 if limiter else 0))
     plain = VOCAB * D * 2 + (2 * D) * LAYERS + D
     counts = 4 * (4 if limiter else 3)  # project, adam, (limiter), learning-rate counts
     return LAYERS * per_layer + 4 * 2 * plain + counts

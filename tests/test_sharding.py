@@ -4,7 +4,7 @@ The body runs in a subprocess (`tests/_sharded_check.py`): the 8 host devices mu
 before jax is imported. Layouts of a small LLaMA tree with stacked `(L, m, n)` leaves: FSDP,
 tensor parallel, 2-D FSDP+TP and the L axis sharded. 7 steps, refreshes at steps 1, 4, 7.
 
-The refresh runs one matrix at a time (`fira_optax._projection.refresh_basis`): XLA:CPU's
+The refresh runs one matrix at a time (`fira_optax._refresh.refresh_basis`): XLA:CPU's
 batched LAPACK kernels split a batch over the intra-op pool and block on it, which deadlocked
 8 host devices on 2 cores before. The randomized refresh is not compared here: on these
 rank-8-plus-noise gradients with rank 16 the trailing basis vectors span pure noise, and the
@@ -86,7 +86,7 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from fira_optax._projection import refresh_basis
+from fira_optax._refresh import refresh_basis
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 g = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64, 160)), jnp.float32)
 b = jnp.zeros((4, 64, 8), jnp.float32)

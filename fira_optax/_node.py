@@ -1,0 +1,217 @@
+"""The update node that carries a projected leaf from `project` to `project_back`, guarded.
+
+Imports only `_shapes` (the bottom of the package).
+
+Between :func:`fira_optax.project` and :func:`fira_optax.project_back` a projected leaf of the
+update tree is a :class:`LowRankUpdate`: the basis, the gradient, the low-rank gradient, the
+direction the subspace optimizer chose and the residual's scale. It stands for the dense update
+`project_back` will produce from it, and it is deliberately *not* a pytree node: `jax.tree.map`
+sees it as one leaf, so a plain optax transform placed in that region gets the node itself,
+never its fields (which it would corrupt). On the node,
+
+- multiplying or dividing by a scalar (what `optax.scale`, `optax.scale_by_learning_rate`,
+  `optax.scale_by_schedule` do) acts as it would on the dense leaves at the same place: before
+  the subspace optimizer it scales the gradient (`G` and `R`), after it the update (exactly);
+- anything else (adding it to an array, `jnp`/`lax` functions, clipping, `apply_updates`)
+  fails at trace time with a message that names the block order and `project_back`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fira_optax._shapes import LeafPlan
+
+ORDER = (
+    "project → subspace optimizer (scale_by_low_rank_adam / in_subspace) → "
+    "norm_scale_residual → limit_norm_growth → project_back, then dense transforms "
+    "(clipping, weight decay, learning rate) and optax.apply_updates"
+)
+
+
+def _is_scalar(x: Any) -> bool:
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, float, np.number)):
+        return True
+    return hasattr(x, "shape") and hasattr(x, "dtype") and tuple(x.shape) == ()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LowRankUpdate:
+    """A projected leaf of the update tree, between `project` and `project_back`.
+
+    It stands for the dense update `step_scale · (α·back(N) + S)`, with the residual
+    `S = φ ⊙ (G − α·back(R))` kept implicit (as its per-row/column scale φ) so that
+    `project_back` builds it with one matmul and one elementwise pass. All arrays are in the
+    leaf's matrix view `(*batch, m, n)` (see :class:`fira_optax.DimensionNumbers`).
+
+    A subspace optimizer reads `low_rank` and sets `direction` (`node.replace(direction=...)`,
+    which also marks the node as carrying a direction). Scalar multiplication scales what the
+    node stands for at that point — the gradient before the subspace optimizer, the update
+    after it — as it would a dense leaf; any other use as an array raises.
+
+    Attributes:
+      basis: `P`, float32, `(..., m, k)` (left) or `(..., k, n)` (right).
+      grad: the full gradient `G` in matrix view `(..., m, n)`, in the param's dtype.
+      low_rank: `R`, the projected gradient, float32, `(..., k, n)` or `(..., m, k)`.
+      direction: the low-rank direction `N` (`R` until a subspace optimizer sets it).
+      residual_scale: `φ` broadcastable against `G` (`(..., 1, n)` left, `(..., m, 1)`
+        right), or None when the residual is dropped (GaLore).
+      scale: α, the scale of `back()`.
+      step_scale: multiplies the whole dense update (Adam's bias correction, a scalar or one
+        per matrix `(..., 1, 1)`; scalar multiplication of the node lands here).
+      plan: the static :class:`LeafPlan` (key path, matrix view, side, k).
+      has_direction: whether a subspace optimizer has set `direction` (static).
+    """
+
+    basis: jax.Array
+    grad: jax.Array
+    low_rank: jax.Array
+    direction: jax.Array
+    residual_scale: jax.Array | None
+    scale: jax.Array
+    step_scale: jax.Array
+    plan: LeafPlan
+    has_direction: bool = False
+
+    def replace(self, **kwargs: Any) -> LowRankUpdate:
+        if "direction" in kwargs:
+            kwargs.setdefault("has_direction", True)
+        return dataclasses.replace(self, **kwargs)
+
+    def __repr__(self) -> str:
+        # Shown by JAX when a jnp/lax function is handed the node: say what to do.
+        return (
+            f"LowRankUpdate(leaf {self.plan.path!r}, shape {self.shape}: a projected leaf "
+            "between fo.project() and fo.project_back(), where only fira_optax blocks and "
+            "scalar scaling are defined; move this transform after fo.project_back())"
+        )
+
+    @property
+    def side(self) -> str:
+        return self.plan.side
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the dense update (the leaf's)."""
+        return self.plan.view.shape
+
+    @property
+    def dtype(self) -> Any:
+        """The dtype of the dense update (the gradient's)."""
+        return self.grad.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    # -- scalar scaling: defined -----------------------------------------------------------
+
+    def _scaled(self, factor: Any) -> LowRankUpdate:
+        factor = jnp.asarray(factor, jnp.float32)
+        if self.has_direction:  # an update: scale it (exactly, via the step scale)
+            return self.replace(step_scale=self.step_scale * factor)
+        # A gradient (before the subspace optimizer): scale G and R, as on a dense gradient.
+        low_rank = self.low_rank * factor
+        return dataclasses.replace(
+            self,
+            grad=(self.grad * factor).astype(self.grad.dtype),
+            low_rank=low_rank,
+            direction=low_rank,
+        )
+
+    def __mul__(self, other: Any) -> LowRankUpdate:
+        if _is_scalar(other):
+            return self._scaled(other)
+        self._misuse(f"multiplied by a non-scalar {type(other).__name__}")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> LowRankUpdate:
+        if _is_scalar(other):
+            return self._scaled(1.0 / jnp.asarray(other, jnp.float32))
+        self._misuse(f"divided by a non-scalar {type(other).__name__}")
+
+    def __neg__(self) -> LowRankUpdate:
+        return self._scaled(-1.0)
+
+    def __pos__(self) -> LowRankUpdate:
+        return self
+
+    # -- everything else: a clear error -----------------------------------------------------
+
+    def _misuse(self, what: str) -> None:
+        raise TypeError(
+            f"fira_optax.LowRankUpdate of leaf {self.plan.path!r} was {what}. A projected leaf "
+            "is a LowRankUpdate between fo.project() and fo.project_back(); there only "
+            "fira_optax blocks and multiplication by a scalar (optax.scale, "
+            "scale_by_learning_rate, scale_by_schedule) are defined on it. Keep the order "
+            f"{ORDER}: move this transform after fo.project_back() (or did you forget "
+            "fo.project_back()?)."
+        )
+
+    def _binary(name: str) -> Callable[..., Any]:  # noqa: N805
+        def method(self, other):
+            self._misuse(f"used in `{name}` with a {type(other).__name__}")
+
+        return method
+
+    __add__ = _binary("+")
+    __radd__ = _binary("+")
+    __sub__ = _binary("-")
+    __rsub__ = _binary("-")
+    __rtruediv__ = _binary("/")
+    __pow__ = _binary("**")
+    __rpow__ = _binary("**")
+    __matmul__ = _binary("@")
+    __rmatmul__ = _binary("@")
+    __lt__ = _binary("<")
+    __le__ = _binary("<=")
+    __gt__ = _binary(">")
+    __ge__ = _binary(">=")
+    del _binary
+
+    def __abs__(self):
+        self._misuse("passed to abs()")
+
+    def __array__(self, *args, **kwargs):
+        self._misuse("converted to a NumPy array")
+
+    def __bool__(self):
+        self._misuse("used as a boolean")
+
+    def __iter__(self):
+        self._misuse("iterated over")
+
+    def __getitem__(self, index):
+        self._misuse("indexed")
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes the node does not have: array methods (`astype`,
+        # `real`, `reshape`, ...) that a dense transform would call.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            self._misuse(f"asked for the array attribute `.{name}`")
+        except TypeError as e:
+            raise AttributeError(str(e)) from None
+
+
+def is_low_rank(x: Any) -> bool:
+    return isinstance(x, LowRankUpdate)
+
+
+def map_nodes(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:
+    """Maps `fn(node, *rest_leaves)` over the projected leaves; dense leaves pass through."""
+
+    def apply(u, *r):
+        return fn(u, *r) if is_low_rank(u) else u
+
+    return jax.tree.map(apply, updates, *rest, is_leaf=is_low_rank)

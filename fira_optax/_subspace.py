@@ -1,0 +1,303 @@
+"""The optimizer inside the subspace: HF-style low-rank Adam (the default), or any optax one.
+
+Both read the low-rank gradient `R` of every :class:`fira_optax.LowRankUpdate` node, keep their
+state at the low-rank shapes, and set the node's direction `N`; dense (not projected) leaves
+get the same optimizer at full size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fira_optax._node import is_low_rank
+from fira_optax._shapes import per_matrix
+from fira_optax._spec import (
+    DimensionNumbersSpec,
+    ProjectedSpec,
+    ProjectionSpec,
+    make_spec,
+    path_str,
+)
+
+
+class LowRankAdamState(NamedTuple):
+    """State of :func:`scale_by_low_rank_adam`.
+
+    Attributes:
+      count: number of updates taken so far, `shape=(), dtype=int32` (the bias correction of
+        the dense leaves).
+      steps: a tree like params: for a projected leaf, the number of steps each of its
+        matrices took (int32, shape `(...)` of its stack axes; a matrix whose low-rank
+        gradient is exactly zero is idle and does not count, see
+        :func:`scale_by_low_rank_adam`); None elsewhere.
+      mu: first moments, a tree like params: low-rank `(..., k, n)` / `(..., m, k)` for a
+        projected leaf, the param's shape otherwise (dtype `mu_dtype` or float32).
+      nu: second moments, same shapes as `mu`, float32.
+    """
+
+    count: jax.Array
+    steps: Any
+    mu: Any
+    nu: Any
+
+
+def one_minus(x: jax.typing.ArrayLike) -> jax.Array:
+    """`1 − x`, in float64 when `x` is a Python number (then rounded once to float32)."""
+    if isinstance(x, (int, float)):
+        return jnp.asarray(1.0 - float(x), jnp.float32)
+    return 1.0 - jnp.asarray(x, jnp.float32)
+
+
+def bias_correction(b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
+    """`√(1 − b2^t) / (1 − b1^t)` with `1 − b^t = −expm1(t·log1p(−(1 − b)))`.
+
+    Computed this way float32 keeps full relative accuracy (float32 `1 − 0.999**t` is off by
+    1e-5), so the step size matches the float64 arithmetic of the PyTorch reference.
+    """
+    t = t.astype(jnp.float32)
+    c1 = -jnp.expm1(t * jnp.log1p(-one_minus(b1)))
+    c2 = -jnp.expm1(t * jnp.log1p(-one_minus(b2)))
+    return jnp.sqrt(c2) / c1
+
+
+def _mismatch(block: str, path: str, kind: str, got: tuple, want: tuple) -> ValueError:
+    return ValueError(
+        f"{block}: leaf {path!r} receives a {kind} of shape {got} but its state has shape "
+        f"{want}. Give every block the same spec (spec=fo.ProjectionSpec(...)), or the same "
+        "rank, proj_type, projected and dimension_numbers as project()."
+    )
+
+
+def scale_by_low_rank_adam(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    *,
+    rank: int | None = None,
+    proj_type: str = "std",
+    projected: ProjectedSpec = None,
+    dimension_numbers: DimensionNumbersSpec = None,
+    spec: ProjectionSpec | None = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Adam with moments in the projected space (HF/PyTorch-AdamW style).
+
+    For a projected matrix with low-rank gradient `R` (from :func:`fira_optax.project`):
+
+    .. math::
+      m ← b_1 m + (1-b_1) R,\\quad v ← b_2 v + (1-b_2) R^2,\\quad
+      N = m / (\\sqrt{v} + ε)
+
+    `ε` is added to the *un-bias-corrected* `√v`; the bias correction
+    `√(1-b_2^t)/(1-b_1^t)` is not applied to `N` (which Fira's norm scaling and limiter see) but
+    carried as the node's `step_scale`, applied by `project_back` to the whole update. Dense
+    leaves (not projected) get the same step with `R = G`, bias correction included.
+
+    **Idle matrices.** A projected matrix whose low-rank gradient is exactly zero (an expert
+    that received no tokens, a layer frozen by zeroing its gradient) is treated as PyTorch
+    treats a parameter whose `grad` is None: its moments and its step count `t` are left
+    untouched and its direction is zero, so idle steps are invisible to it (a layer unfrozen at
+    step s trains exactly as if its optimizer started at s). Dense leaves follow optax/PyTorch
+    Adam on a zero-valued gradient (the moments decay).
+
+    The moments' shapes come from the spec: give this block the spec given to `project`
+    (`spec=`), or the same `rank`, `proj_type`, `projected` and `dimension_numbers`; a mismatch
+    raises a `ValueError` at trace time naming the leaf.
+
+    Args:
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: added to `√v` (outside the root, before bias correction).
+      rank: the rank given to `project`.
+      proj_type: the proj_type given to `project`.
+      projected: the `projected` given to `project`.
+      dimension_numbers: the `dimension_numbers` given to `project`.
+      spec: the shared :class:`fira_optax.ProjectionSpec` (instead of the four above).
+      mu_dtype: dtype of the first moment (default float32); `nu` is always float32.
+
+    Returns:
+      An `optax.GradientTransformation`.
+    """
+    spec = make_spec("scale_by_low_rank_adam", spec, rank, proj_type, projected, dimension_numbers)
+    mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def init_fn(params):
+        plans = spec.flat_plans(params)
+        leaves, treedef = jax.tree.flatten(params)
+        shapes = [
+            p.shape if plan is None else plan.low_rank_shape
+            for p, plan in zip(leaves, plans, strict=True)
+        ]
+        steps = [None if plan is None else jnp.zeros(plan.batch_shape, jnp.int32) for plan in plans]
+        return LowRankAdamState(
+            count=jnp.zeros([], jnp.int32),
+            steps=treedef.unflatten(steps),
+            mu=treedef.unflatten([jnp.zeros(s, mu_dtype) for s in shapes]),
+            nu=treedef.unflatten([jnp.zeros(s, jnp.float32) for s in shapes]),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count_inc = optax.safe_increment(state.count)
+        b1_ = jnp.asarray(b1, jnp.float32)
+        b2_ = jnp.asarray(b2, jnp.float32)
+
+        def moments(g, mu, nu):
+            mu = (b1_ * mu.astype(jnp.float32) + one_minus(b1) * g).astype(mu_dtype)
+            nu = b2_ * nu + one_minus(b2) * jnp.square(g)
+            return mu, nu, mu.astype(jnp.float32) / (jnp.sqrt(nu) + eps)
+
+        def step(path, u, steps, mu, nu):
+            if not is_low_rank(u):
+                if mu.shape != u.shape:
+                    raise _mismatch(
+                        "scale_by_low_rank_adam",
+                        path_str(path),
+                        "dense (not projected) gradient",
+                        u.shape,
+                        mu.shape,
+                    )
+                mu, nu, direction = moments(u.astype(jnp.float32), mu, nu)
+                correction = bias_correction(b1, b2, count_inc)
+                return (correction * direction).astype(u.dtype), steps, mu, nu
+            r = u.low_rank
+            if steps is None or r.shape != mu.shape:
+                raise _mismatch(
+                    "scale_by_low_rank_adam",
+                    u.plan.path,
+                    "low-rank gradient",
+                    r.shape,
+                    None if steps is None else mu.shape,
+                )
+            active = jnp.any(r != 0, axis=(-2, -1))  # per matrix; idle = exactly zero
+            new_mu, new_nu, direction = moments(r, mu, nu)
+            keep = per_matrix(active)
+            mu = jnp.where(keep, new_mu, mu)
+            nu = jnp.where(keep, new_nu, nu)
+            steps = steps + active.astype(jnp.int32)
+            correction = bias_correction(b1, b2, jnp.maximum(steps, 1))
+            direction = jnp.where(keep, direction, 0.0)
+            return (
+                u.replace(direction=direction, step_scale=u.step_scale * per_matrix(correction)),
+                steps,
+                mu,
+                nu,
+            )
+
+        flat_u, treedef = jax.tree.flatten_with_path(updates, is_leaf=is_low_rank)
+        flat = [treedef.flatten_up_to(tree) for tree in (state.steps, state.mu, state.nu)]
+        out = [step(p, u, s, m, v) for (p, u), s, m, v in zip(flat_u, *flat, strict=True)]
+        new = [treedef.unflatten([o[i] for o in out]) for i in range(4)]
+        return new[0], LowRankAdamState(count=count_inc, steps=new[1], mu=new[2], nu=new[3])
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class InSubspaceState(NamedTuple):
+    """State of :func:`in_subspace`.
+
+    Attributes:
+      inner: the base optimizer's state, initialised on the low-rank stand-ins of the
+        projected leaves (zeros of shape `(..., k, n)` / `(..., m, k)`) and on the other
+        params as they are.
+    """
+
+    inner: Any
+
+
+def in_subspace(
+    base_optimizer: optax.GradientTransformation,
+    *,
+    rank: int | None = None,
+    proj_type: str = "std",
+    projected: ProjectedSpec = None,
+    dimension_numbers: DimensionNumbersSpec = None,
+    spec: ProjectionSpec | None = None,
+) -> optax.GradientTransformation:
+    """Runs any gradient-only optax transform inside the subspace.
+
+    The base optimizer is initialised on the low-rank shapes, so its state is as small as the
+    low-rank gradients (`optax.scale_by_rms()`: one `(k, n)`/`(m, k)` array per matrix;
+    `optax.scale_by_factored_rms()`: two vectors). At every step it receives the tree of
+    low-rank gradients `R` (dense gradients for the leaves that are not projected) and its
+    output becomes each node's direction `N`; Fira's φ and limiter then apply unchanged.
+    With `optax.identity()`, Fira's update is exactly `G` (φ = 1) and GaLore's `α·back(R)`.
+
+    The base optimizer must be gradient-only: `scale_by_adam`, `scale_by_rms`,
+    `scale_by_factored_rms`, `scale_by_lion`, `scale_by_sign`, `identity`, ... As `params` it
+    receives stand-ins (zeros at the low-rank shapes for the projected leaves — enough for
+    transforms that read only shapes, like `scale_by_factored_rms` — and the params, or zeros
+    without them, for the others), so put weight decay and the learning rate after
+    `project_back`. Its own bias correction, if any, is part of `N` (the node's
+    `step_scale` stays 1).
+
+    Args:
+      base_optimizer: a gradient-only `optax.GradientTransformation`.
+      rank: the rank given to `project`.
+      proj_type: the proj_type given to `project`.
+      projected: the `projected` given to `project`.
+      dimension_numbers: the `dimension_numbers` given to `project`.
+      spec: the shared :class:`fira_optax.ProjectionSpec` (instead of the four above).
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs` (extra arguments go to the base optimizer).
+    """
+    spec = make_spec("in_subspace", spec, rank, proj_type, projected, dimension_numbers)
+    base = optax.with_extra_args_support(base_optimizer)
+
+    def standins(params):
+        leaves, treedef = jax.tree.flatten(params)
+        return treedef.unflatten(
+            [
+                p if plan is None else jnp.zeros(plan.low_rank_shape, jnp.float32)
+                for p, plan in zip(leaves, spec.flat_plans(params), strict=True)
+            ]
+        )
+
+    def init_fn(params):
+        return InSubspaceState(inner=base.init(standins(params)))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        plans = spec.flat_plans(updates)  # nodes are leaves with the dense update's shape
+        for u, plan in zip(jax.tree.leaves(updates), plans, strict=True):
+            if is_low_rank(u) and (plan is None or plan.low_rank_shape != u.low_rank.shape):
+                raise _mismatch(
+                    "in_subspace",
+                    u.plan.path,
+                    "low-rank gradient",
+                    u.low_rank.shape,
+                    None if plan is None else plan.low_rank_shape,
+                )
+        inputs = jax.tree.map(
+            lambda u: u.low_rank if is_low_rank(u) else u, updates, is_leaf=is_low_rank
+        )
+        # The base optimizer gets shape stand-ins as `params` (what shape-reading transforms
+        # such as scale_by_factored_rms need): zeros at the low-rank shapes for the projected
+        # leaves, the params themselves (or zeros) for the others.
+        if params is None:
+            params = jax.tree.map(jnp.zeros_like, inputs)
+        else:
+            params = jax.tree.map(
+                lambda u, p: jnp.zeros_like(u.low_rank) if is_low_rank(u) else p,
+                updates,
+                params,
+                is_leaf=is_low_rank,
+            )
+        outputs, inner = base.update(inputs, state.inner, params, **extra_args)
+
+        def merge(u, out):
+            if not is_low_rank(u):
+                return out
+            if out.shape != u.low_rank.shape:
+                raise _mismatch(
+                    "in_subspace", u.plan.path, "direction", out.shape, u.low_rank.shape
+                )
+            return u.replace(direction=out.astype(jnp.float32))
+
+        return jax.tree.map(merge, updates, outputs, is_leaf=is_low_rank), InSubspaceState(inner)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
