@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _problems import OPTIMIZERS, block_chain, matrix_problem
 
 import fira_optax as fo
-from _problems import OPTIMIZERS, block_chain, matrix_problem
 
 NAMES = sorted(OPTIMIZERS)
 

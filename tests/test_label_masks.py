@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _problems import block_chain
 from jax.sharding import Mesh, NamedSharding
 
 import fira_optax as fo
-from _problems import block_chain
 
 RANK, GAP = 4, 3
 
