@@ -67,6 +67,8 @@ class LowRankUpdate:
       scale: α, the scale of `back()`.
       step_scale: multiplies the whole dense update (Adam's bias correction, a scalar or one
         per matrix `(..., 1, 1)`; scalar multiplication of the node lands here).
+      step: per matrix `(...)`, int32: the steps this matrix has taken, this one included
+        (idle steps — an exactly zero projected gradient — do not count).
       plan: the static :class:`LeafPlan` (key path, matrix view, side, k).
       has_direction: whether a subspace optimizer has set `direction` (static).
     """
@@ -78,6 +80,7 @@ class LowRankUpdate:
     residual_scale: jax.Array | None
     scale: jax.Array
     step_scale: jax.Array
+    step: jax.Array
     plan: LeafPlan
     has_direction: bool = False
 

@@ -25,13 +25,18 @@ class ProjectState(NamedTuple):
     """State of :func:`project`.
 
     Attributes:
-      count: number of updates taken so far, `shape=(), dtype=int32`. A refresh happens when
-        `count % update_proj_gap == 0`.
+      count: number of updates taken so far, `shape=(), dtype=int32` (seeds the randomized
+        refresh).
+      steps: a tree like params; a projected leaf holds, per matrix, the number of steps it
+        took (int32, shape `(...)` of its stack axes): a matrix whose projected gradient is
+        exactly zero is idle and does not count. A matrix is refreshed when
+        `steps % update_proj_gap == 0`; None for the other leaves.
       bases: a tree like params; a projected leaf holds its basis `P` (float32, in its matrix
         view: `(..., m, k)` left or `(..., k, n)` right); every other leaf holds None.
     """
 
     count: jax.Array
+    steps: Any
     bases: Any
 
 
@@ -62,6 +67,12 @@ def project(
     :class:`LowRankUpdate` nodes, every other leaf passes through unchanged. Must be followed
     (eventually) by :func:`fira_optax.project_back`. See :func:`fira_optax.fira` for the maths.
 
+    Steps are counted per matrix, as PyTorch counts them per parameter: a matrix whose
+    gradient is exactly zero (an expert that received no tokens, a layer frozen by zeroing its
+    gradient) is *idle* — like a parameter whose `grad` is None it takes no step, keeps its
+    basis and its refresh schedule, and gets its first basis at its first non-zero gradient.
+    On non-degenerate input every matrix steps every time and this is the official schedule.
+
     Args:
       rank: target rank r (each matrix uses `k = min(r, m, n)`), or a
         :class:`fira_optax.ProjectionSpec`.
@@ -90,23 +101,32 @@ def project(
             None if plan is None else jnp.zeros(plan.basis_shape, jnp.float32)
             for plan in spec.flat_plans(params)
         ]
-        bases = jax.tree.structure(params).unflatten(bases)
-        return ProjectState(count=jnp.zeros([], jnp.int32), bases=bases)
+        steps = [
+            None if plan is None else jnp.zeros(plan.batch_shape, jnp.int32)
+            for plan in spec.flat_plans(params)
+        ]
+        treedef = jax.tree.structure(params)
+        return ProjectState(
+            count=jnp.zeros([], jnp.int32),
+            steps=treedef.unflatten(steps),
+            bases=treedef.unflatten(bases),
+        )
 
     def update_fn(updates, state, params=None):
         del params
-        do_refresh = state.count % update_proj_gap == 0
         key = jax.random.fold_in(jax.random.key(0), state.count)
         grads, treedef = jax.tree.flatten(updates)
         plans = spec.flat_plans(updates)
         bases = treedef.flatten_up_to(state.bases)
+        all_steps = treedef.flatten_up_to(state.steps)
         alpha = jnp.asarray(scale, jnp.float32)
 
-        new_updates, new_bases = [], []
-        for grad, plan, basis in zip(grads, plans, bases, strict=True):
+        new_updates, new_bases, new_steps = [], [], []
+        for grad, plan, basis, steps in zip(grads, plans, bases, all_steps, strict=True):
             if plan is None and basis is None:
                 new_updates.append(grad)
                 new_bases.append(None)
+                new_steps.append(None)
                 continue
             if plan is None or basis is None or basis.shape != plan.basis_shape:
                 name = plan.path if plan is not None else "?"
@@ -118,13 +138,15 @@ def project(
                     "spec)."
                 )
             grad_mxn = plan.view.to_matrix(grad)
+            due = steps % update_proj_gap == 0  # per matrix
 
-            def new_basis(grad_mxn=grad_mxn, basis=basis, plan=plan):
+            def new_basis(grad_mxn=grad_mxn, basis=basis, plan=plan, due=due):
                 key_leaf = leaf_key(key, plan.path)
-                return refresh_basis(grad_mxn, basis, plan.k, plan.side, key_leaf, refresh)
+                return refresh_basis(grad_mxn, basis, plan.k, plan.side, key_leaf, refresh, due)
 
-            basis = jax.lax.cond(do_refresh, new_basis, lambda basis=basis: basis)
+            basis = jax.lax.cond(jnp.any(due), new_basis, lambda basis=basis: basis)
             low_rank = project_matrix(grad_mxn, basis, plan.side)
+            steps = steps + jnp.any(low_rank != 0, axis=(-2, -1)).astype(jnp.int32)
             new_updates.append(
                 LowRankUpdate(
                     basis=basis,
@@ -134,15 +156,19 @@ def project(
                     residual_scale=None,
                     scale=alpha,
                     step_scale=jnp.ones([], jnp.float32),
+                    step=steps,
                     plan=plan,
                 )
             )
             new_bases.append(basis)
+            new_steps.append(steps)
 
         return (
             treedef.unflatten(new_updates),
             ProjectState(
-                count=optax.safe_increment(state.count), bases=treedef.unflatten(new_bases)
+                count=optax.safe_increment(state.count),
+                steps=treedef.unflatten(new_steps),
+                bases=treedef.unflatten(new_bases),
             ),
         )
 

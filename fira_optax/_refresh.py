@@ -95,13 +95,21 @@ def randomized_basis(
 
 
 def refresh_basis(
-    grad: jax.Array, basis: jax.Array, k: int, side: str, key: jax.Array, refresh: str
+    grad: jax.Array,
+    basis: jax.Array,
+    k: int,
+    side: str,
+    key: jax.Array,
+    refresh: str,
+    due: jax.Array | None = None,
 ) -> jax.Array:
-    """A new basis for a (stack of) matrices `(..., m, n)`.
+    """A new basis for the due matrices of a (stack of) matrices `(..., m, n)`.
 
-    A matrix keeps its previous basis when the refresh fails (non-finite gradient, an SVD that
-    did not converge) or when its gradient is exactly zero (an idle expert, a frozen layer:
-    the SVD of zero would replace a good basis by an arbitrary one).
+    A matrix is refreshed when it is `due` (a bool per matrix, shape `(...)`; default: all)
+    and its gradient is not exactly zero — an idle expert or a frozen layer keeps its basis (the
+    SVD of zero would replace it by an arbitrary one), and so does a matrix whose refresh fails
+    (non-finite gradient, an SVD that did not converge). The decomposition runs only for the
+    matrices refreshed (`lax.cond` per matrix).
 
     Stacked leaves are refreshed one matrix at a time (`lax.map`): XLA:CPU's batched LAPACK
     kernels split a batch over the intra-op thread pool and block on it, which can deadlock
@@ -109,21 +117,30 @@ def refresh_basis(
     on CPU (each SVD is already sequential LAPACK work).
     """
 
-    def one(grad_mxn, basis_old, key_one):
-        if refresh == "svd":
-            candidate = svd_basis(grad_mxn, k, side)
-        else:
-            candidate = randomized_basis(grad_mxn, basis_old, k, side, key_one)
-        ok = jnp.all(jnp.isfinite(candidate)) & jnp.any(grad_mxn != 0)
-        return jnp.where(ok, candidate, basis_old)
+    def one(grad_mxn, basis_old, key_one, due_one):
+        def compute():
+            if refresh == "svd":
+                candidate = svd_basis(grad_mxn, k, side)
+            else:
+                candidate = randomized_basis(grad_mxn, basis_old, k, side, key_one)
+            return jnp.where(jnp.all(jnp.isfinite(candidate)), candidate, basis_old)
+
+        go = due_one & jnp.any(grad_mxn != 0)
+        return jax.lax.cond(go, compute, lambda: basis_old)
 
     batch = grad.shape[:-2]
+    due = jnp.ones(batch, bool) if due is None else jnp.broadcast_to(due, batch)
     if not batch:
-        return one(grad, basis, key)
+        return one(grad, basis, key, due)
     size = math.prod(batch)
     keys = jax.random.split(key, size)
     flat = jax.lax.map(
         lambda args: one(*args),
-        (grad.reshape(size, *grad.shape[-2:]), basis.reshape(size, *basis.shape[-2:]), keys),
+        (
+            grad.reshape(size, *grad.shape[-2:]),
+            basis.reshape(size, *basis.shape[-2:]),
+            keys,
+            due.reshape(size),
+        ),
     )
     return flat.reshape(basis.shape)

@@ -29,18 +29,13 @@ class LowRankAdamState(NamedTuple):
 
     Attributes:
       count: number of updates taken so far, `shape=(), dtype=int32` (the bias correction of
-        the dense leaves).
-      steps: a tree like params: for a projected leaf, the number of steps each of its
-        matrices took (int32, shape `(...)` of its stack axes; a matrix whose low-rank
-        gradient is exactly zero is idle and does not count, see
-        :func:`scale_by_low_rank_adam`); None elsewhere.
+        the dense leaves; a projected matrix uses its own step count, carried by its node).
       mu: first moments, a tree like params: low-rank `(..., k, n)` / `(..., m, k)` for a
         projected leaf, the param's shape otherwise (dtype `mu_dtype` or float32).
       nu: second moments, same shapes as `mu`, float32.
     """
 
     count: jax.Array
-    steps: Any
     mu: Any
     nu: Any
 
@@ -99,10 +94,11 @@ def scale_by_low_rank_adam(
 
     **Idle matrices.** A projected matrix whose low-rank gradient is exactly zero (an expert
     that received no tokens, a layer frozen by zeroing its gradient) is treated as PyTorch
-    treats a parameter whose `grad` is None: its moments and its step count `t` are left
-    untouched and its direction is zero, so idle steps are invisible to it (a layer unfrozen at
-    step s trains exactly as if its optimizer started at s). Dense leaves follow optax/PyTorch
-    Adam on a zero-valued gradient (the moments decay).
+    treats a parameter whose `grad` is None: its moments are left untouched and its direction
+    is zero, and its step count `t` (counted by `project`, carried by the node) does not
+    advance, so idle steps are invisible to it: a layer unfrozen at step s trains exactly as if
+    its optimizer started at s. Dense leaves follow optax/PyTorch Adam on a zero-valued
+    gradient (the moments decay).
 
     The moments' shapes come from the spec: give this block the spec given to `project`
     (`spec=`), or the same `rank`, `proj_type`, `projected` and `dimension_numbers`; a mismatch
@@ -132,10 +128,8 @@ def scale_by_low_rank_adam(
             p.shape if plan is None else plan.low_rank_shape
             for p, plan in zip(leaves, plans, strict=True)
         ]
-        steps = [None if plan is None else jnp.zeros(plan.batch_shape, jnp.int32) for plan in plans]
         return LowRankAdamState(
             count=jnp.zeros([], jnp.int32),
-            steps=treedef.unflatten(steps),
             mu=treedef.unflatten([jnp.zeros(s, mu_dtype) for s in shapes]),
             nu=treedef.unflatten([jnp.zeros(s, jnp.float32) for s in shapes]),
         )
@@ -151,7 +145,7 @@ def scale_by_low_rank_adam(
             nu = b2_ * nu + one_minus(b2) * jnp.square(g)
             return mu, nu, mu.astype(jnp.float32) / (jnp.sqrt(nu) + eps)
 
-        def step(path, u, steps, mu, nu):
+        def step(path, u, mu, nu):
             if not is_low_rank(u):
                 if mu.shape != u.shape:
                     raise _mismatch(
@@ -163,36 +157,29 @@ def scale_by_low_rank_adam(
                     )
                 mu, nu, direction = moments(u.astype(jnp.float32), mu, nu)
                 correction = bias_correction(b1, b2, count_inc)
-                return (correction * direction).astype(u.dtype), steps, mu, nu
+                return (correction * direction).astype(u.dtype), mu, nu
             r = u.low_rank
-            if steps is None or r.shape != mu.shape:
+            if r.shape != mu.shape:
                 raise _mismatch(
-                    "scale_by_low_rank_adam",
-                    u.plan.path,
-                    "low-rank gradient",
-                    r.shape,
-                    None if steps is None else mu.shape,
+                    "scale_by_low_rank_adam", u.plan.path, "low-rank gradient", r.shape, mu.shape
                 )
-            active = jnp.any(r != 0, axis=(-2, -1))  # per matrix; idle = exactly zero
             new_mu, new_nu, direction = moments(r, mu, nu)
-            keep = per_matrix(active)
-            mu = jnp.where(keep, new_mu, mu)
-            nu = jnp.where(keep, new_nu, nu)
-            steps = steps + active.astype(jnp.int32)
-            correction = bias_correction(b1, b2, jnp.maximum(steps, 1))
-            direction = jnp.where(keep, direction, 0.0)
+            active = per_matrix(jnp.any(r != 0, axis=(-2, -1)))  # idle: exactly zero
+            mu = jnp.where(active, new_mu, mu)
+            nu = jnp.where(active, new_nu, nu)
+            correction = per_matrix(bias_correction(b1, b2, jnp.maximum(u.step, 1)))
+            direction = jnp.where(active, direction, 0.0)
             return (
-                u.replace(direction=direction, step_scale=u.step_scale * per_matrix(correction)),
-                steps,
+                u.replace(direction=direction, step_scale=u.step_scale * correction),
                 mu,
                 nu,
             )
 
         flat_u, treedef = jax.tree.flatten_with_path(updates, is_leaf=is_low_rank)
-        flat = [treedef.flatten_up_to(tree) for tree in (state.steps, state.mu, state.nu)]
-        out = [step(p, u, s, m, v) for (p, u), s, m, v in zip(flat_u, *flat, strict=True)]
-        new = [treedef.unflatten([o[i] for o in out]) for i in range(4)]
-        return new[0], LowRankAdamState(count=count_inc, steps=new[1], mu=new[2], nu=new[3])
+        flat = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu)]
+        out = [step(p, u, m, v) for (p, u), m, v in zip(flat_u, *flat, strict=True)]
+        new = [treedef.unflatten([o[i] for o in out]) for i in range(3)]
+        return new[0], LowRankAdamState(count=count_inc, mu=new[1], nu=new[2])
 
     return optax.GradientTransformation(init_fn, update_fn)
 

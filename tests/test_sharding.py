@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -180,3 +181,97 @@ def test_fira_state_specs_follow_the_kept_axis():
 def test_partition_specs_without_mesh_raise():
     with pytest.raises(ValueError, match="mesh"):
         fo.optimizer_state_shardings(fo.fira(1e-3, 4), {"w": jnp.zeros((8, 8))}, {"w": P()})
+
+
+_WRAPPERS_SCRIPT = """
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import fira_optax as fo
+
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+rng = np.random.default_rng(0)
+shapes = {"embed": (64, 32), "attn": {"query": {"kernel": (32, 4, 8)}}, "mlp": {"up": (32, 64)},
+          "layers": {"w": (4, 32, 64)}, "b": (64,)}
+specs = {"embed": P("model", None), "attn": {"query": {"kernel": P("data", "model", None)}},
+         "mlp": {"up": P("data", "model")}, "layers": {"w": P("model", None, "data")}, "b": P()}
+is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
+                      is_leaf=is_shape)
+grads = [jax.tree.map(lambda p, t=t: jnp.cos(p * (t + 1.0)), params) for t in range(4)]
+param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+mask = fo.projected_mask(params, rank=4)
+labels = jax.tree.map(lambda m: "fira" if m else "adam", mask)
+fira = lambda: fo.fira(1e-2, 4, update_proj_gap=2, scale=0.25)
+wrappers = {
+    "MultiSteps": optax.MultiSteps(fira(), every_k_schedule=2),
+    "inject_hyperparams": optax.inject_hyperparams(
+        fo.fira, static_args=("rank", "update_proj_gap"))(learning_rate=1e-2, rank=4,
+                                                          update_proj_gap=2),
+    "apply_if_finite": optax.apply_if_finite(fira(), max_consecutive_errors=3),
+    "chain": optax.chain(optax.clip_by_global_norm(1.0), fira()),
+    "multi_transform": optax.multi_transform({"fira": fira(), "adam": optax.adamw(1e-3)}, labels),
+    "masked": optax.masked(fira(), mask),
+}
+for name, tx in wrappers.items():
+    sh = fo.optimizer_state_shardings(tx, params, param_sh)
+    def run(state, p_sh, s_sh):
+        step = jax.jit(lambda g, s, p: tx.update(g, s, p),
+                       in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
+        out = []
+        for g in grads:
+            u, state = step(jax.device_put(g, p_sh), state, jax.device_put(params, p_sh))
+            out.append((u, state))
+        return out
+    sharded = run(jax.jit(tx.init, out_shardings=sh)(jax.device_put(params, param_sh)),
+                  param_sh, sh)
+    single = run(tx.init(params), None, None)
+    f64 = lambda x: np.asarray(x, np.float64)
+    diff = max(float(np.max(np.abs(f64(a) - f64(b)))) / (float(np.max(np.abs(f64(b)))) + 1e-12)
+               for (ua, sa), (ub, sb) in zip(sharded, single)
+               for a, b in zip(jax.tree.leaves((ua, sa)), jax.tree.leaves((ub, sb))) if a.size)
+    leaves, want = jax.tree.leaves(sharded[-1][1]), jax.tree.leaves(sh)
+    kept = all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, want))
+    n_sharded = sum(1 for s in want if any(e is not None for e in s.spec))
+    print(json.dumps({"wrapper": name, "max_rel_diff": diff, "shardings_kept": kept,
+                      "same_structure": len(leaves) == len(want), "n_sharded": n_sharded}))
+"""
+
+
+def test_state_shardings_through_optax_wrappers_on_8_devices():
+    """MultiSteps, inject_hyperparams, apply_if_finite, chain, multi_transform, masked."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _WRAPPERS_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {r["wrapper"] for r in results} == {
+        "MultiSteps",
+        "inject_hyperparams",
+        "apply_if_finite",
+        "chain",
+        "multi_transform",
+        "masked",
+    }
+    for r in results:
+        assert r["same_structure"] and r["shardings_kept"], r
+        assert r["n_sharded"] >= 4, r  # bases / moments follow the params' shardings
+        assert r["max_rel_diff"] < 1e-4, r
+
+
+def test_state_shardings_of_an_opaque_state_fail_naming_the_holder():
+    class Opaque(NamedTuple):
+        thing: object
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    params = {"w": jnp.zeros((8, 8))}
+    bad = (fo.fira(1e-3, 4).init(params), Opaque(object()))
+    with pytest.raises(TypeError, match="the state of Opaque holds a object"):
+        fo.optimizer_state_shardings(bad, params, {"w": P()}, mesh=mesh)
