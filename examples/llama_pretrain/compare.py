@@ -4,8 +4,8 @@ Main job (``scripts/compare.sh``)::
 
     python -m examples.llama_pretrain.compare --config tiny --workdir runs/compare
 
-trains the ``tiny`` config once per optimizer (AdamW, GaLore, Fira; a few minutes each on
-two CPU cores) at the preset's rank, learning rates and seed. Rank sweep
+trains the ``tiny`` config once per optimizer (AdamW, the AdamW control, GaLore, Fira; about
+two minutes each on two CPU cores) at the preset's rank, learning rates and seed. Rank sweep
 (``scripts/sweep.sh``)::
 
     python -m examples.llama_pretrain.compare --config tiny --workdir runs/sweep \\
@@ -294,7 +294,7 @@ def group_key(g: dict) -> str:
 
 def label(g: dict) -> str:
     if g["rank"] is None:
-        return f"{NAMES[g['optimizer']]} (lr {g['lr']:g})"
+        return f"{NAMES[g['optimizer']]} at lr {g['lr']:g}"
     return NAMES[g["optimizer"]]
 
 
@@ -328,8 +328,9 @@ def summary(
         fira, galore = stats.get(f"fira_r{rank}"), stats.get(f"galore_r{rank}")
         if fira is None:
             continue
-        parts = [verdict_text(fira, other, reference) for other in (galore, adamw) if other]
-        text = f"At rank {rank} of {d_model}, Fira's final val loss is " + " and ".join(parts)
+        others = (galore, adamw, control)
+        parts = [verdict_text(fira, other, reference) for other in others if other]
+        text = f"At rank {rank} of {d_model}, Fira's final val loss is " + ", ".join(parts)
         ablations = [
             f"{what} is {verdict_text(g, fira, reference)}"
             for name, what in (
@@ -587,7 +588,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="tiny", choices=sorted(configs.PRESETS))
     parser.add_argument("--workdir", default="runs/compare")
-    parser.add_argument("--optimizers", default="adamw,galore,fira")
+    parser.add_argument("--optimizers", default="adamw,adamw_control,galore,fira")
     parser.add_argument("--ranks", default=None, help="Comma-separated; default: the config's.")
     parser.add_argument("--seeds", type=int, default=1, help="Seeds seed, seed + 1, ...")
     parser.add_argument("--adamw_lrs", default=None, help="Default: adamw_learning_rate.")
