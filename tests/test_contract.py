@@ -1,9 +1,11 @@
 """The optax contract, over every optimizer and the building-block chain.
 
 Ported from the idea of optax's `contrib/_common_test.py`: no retrace, extra args,
-`inject_hyperparams`, `MultiSteps`, dtype preservation, `map_params`, schedules, empty trees.
+`inject_hyperparams`, `MultiSteps`, dtype preservation, `map_params`, schedules, empty trees;
+`chex.variants` runs the blocks and aliases with and without jit.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,16 +19,16 @@ NAMES = sorted(OPTIMIZERS)
 
 
 def _step_fn(opt, loss_fn, **update_kwargs):
-    traces = []
+    chex.clear_trace_counter()  # the counter is keyed by the function's code location
 
     @jax.jit
+    @chex.assert_max_traces(n=1)  # refresh and non-refresh steps share one executable
     def step(params, state):
-        traces.append(1)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, state = opt.update(grads, state, params, **update_kwargs)
         return optax.apply_updates(params, updates), state, loss
 
-    return step, traces
+    return step
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -34,13 +36,12 @@ def test_converges_without_retrace(name):
     opt = OPTIMIZERS[name]()
     params, loss_fn = matrix_problem()
     state = opt.init(params)
-    step, traces = _step_fn(opt, loss_fn)
+    step = _step_fn(opt, loss_fn)
     losses = []
     for _ in range(60):  # 12 refreshes
         params, state, loss = step(params, state)
         losses.append(float(loss))
-    assert len(traces) == 1, "update retraced"
-    assert np.isfinite(losses).all()
+    chex.assert_tree_all_finite(losses)
     # GaLore (α = 0.25, rank 4) trains only inside the subspace: it is expected to be slower.
     target = 0.9 if name == "galore" else 0.35
     assert losses[-1] < target * losses[0], losses[::10]
@@ -51,10 +52,10 @@ def test_extra_args_are_accepted(name):
     opt = OPTIMIZERS[name]()
     params, loss_fn = matrix_problem()
     state = opt.init(params)
-    step, _ = _step_fn(opt, loss_fn, unexpected_extra_arg_your_optimizer_doesnt_expect=1)
+    step = _step_fn(opt, loss_fn, unexpected_extra_arg_your_optimizer_doesnt_expect=1)
     params, state, _ = step(params, state)
     params, state, _ = step(params, state)
-    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+    chex.assert_tree_all_finite(params)
 
 
 @pytest.mark.parametrize("name", ["fira", "galore"])
@@ -73,7 +74,7 @@ def test_inject_hyperparams(name):
         u1, state = jax.jit(opt.update)(g1, state, p1)
         u2, state_inject = jax.jit(opt_inject.update)(g2, state_inject, p2)
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
+    chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-6)
     assert float(state_inject.hyperparams["scale"]) == 0.5
     # A hyper-parameter changed at run time takes effect without retracing.
     state_inject.hyperparams["learning_rate"] = jnp.asarray(0.0)
@@ -89,12 +90,9 @@ def test_preserves_dtype(name, dtype):
     state = jax.jit(opt.init)(params)
     grads = jax.grad(loss_fn)(params)
     updates, new_state = jax.jit(opt.update)(grads, state, params)
-    for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates), strict=True):
-        assert u.dtype == p.dtype
+    chex.assert_trees_all_equal_dtypes(updates, params)
     # The state's shapes and dtypes are stable across an update (so lax.cond/scan work).
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(
-        lambda x: (x.shape, x.dtype), new_state
-    )
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -183,7 +181,7 @@ def test_block_chain_equals_scale_by_fira():
         grads = jax.grad(loss_fn)(params)
         u1, s1 = jax.jit(chain.update)(grads, s1, params)
         u2, s2 = jax.jit(alias.update)(grads, s2, params)
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), u1, u2)
+        chex.assert_trees_all_equal(u1, u2)
         params = optax.apply_updates(params, jax.tree.map(lambda u: -1e-2 * u, u1))
 
 
@@ -206,7 +204,7 @@ def test_ablations_differ_as_expected():
         ]
         states = [o[1] for o in outs]
         u_galore, u_no_res, u_no_lim, u_fira = (o[0] for o in outs)
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), u_galore, u_no_res)
+        chex.assert_trees_all_equal(u_galore, u_no_res)
         diffs.append(float(jnp.abs(u_no_lim["w1"] - u_fira["w1"]).max()))
         params = optax.apply_updates(params, jax.tree.map(lambda u: -1e-2 * u, u_fira))
     assert diffs[0] == 0.0  # the first step only remembers the norm
@@ -237,3 +235,25 @@ def test_fused_residual_matches_explicit_formula():
         g = np.asarray(grad, np.float64)
         expected = (0.3 * back(n) + phi * (g - 0.3 * back(r))) * np.sqrt(0.001) / 0.1
         np.testing.assert_allclose(out["w"], expected, rtol=2e-4, atol=2e-5)
+
+
+class VariantsTest(chex.TestCase):
+    """Every optimizer and the block chain give the same steps with and without jit."""
+
+    @chex.all_variants(with_pmap=False)
+    def test_same_updates_with_and_without_jit(self):
+        for name in NAMES:
+            opt = OPTIMIZERS[name]()
+            params, loss_fn = matrix_problem(seed=4)
+            grads = [
+                jax.grad(loss_fn)(jax.tree.map(lambda p, t=t: p * (1 + 0.1 * t), params))
+                for t in range(7)
+            ]  # refreshes at steps 1 and 6
+            ref_state, var_state = opt.init(params), opt.init(params)
+            ref_update, var_update = jax.jit(opt.update), self.variant(opt.update)
+            for g in grads:
+                want, ref_state = ref_update(g, ref_state, params)
+                got, var_state = var_update(g, var_state, params)
+                chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+                chex.assert_trees_all_equal_structs(got, params)
+            chex.assert_trees_all_close(var_state, ref_state, rtol=1e-5, atol=1e-6)
