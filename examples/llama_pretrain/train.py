@@ -18,8 +18,17 @@ The jitted step is functional: ``nnx.split`` turns ``(model, nnx.Optimizer)`` in
 graph definition and one state pytree, the step merges them, accumulates gradients over
 ``grad_accum_steps`` micro-batches with ``jax.lax.scan``, calls
 ``optimizer.update(model, grads)`` and splits again. The state buffers are donated. The
-jitted steps are cached per (graph, config), so a second run of the same config in one
-process (a resume, the tests) does not recompile.
+jitted steps are cached per (graph, config, mesh), so a second run of the same config in
+one process (a resume, the tests) does not recompile.
+
+Mesh (``mesh=``, ``main.py --mesh fsdp=4,tensor=2``; see ``sharding.py``): the state is
+created sharded (params by the per-kernel rule of ``sharding.param_partition_spec``, the
+optimizer state by ``fira_optax.optimizer_state_shardings``, counters replicated), the
+steps are jitted with explicit in/out shardings, every process puts only its rows of each
+global batch on its devices (``jax.make_array_from_process_local_data``), and checkpoints
+are written and read sharded (each process its shards). The default mesh puts every device
+on ``data``: on one device, the single-device run. With several processes
+(``jax.distributed``), only process 0 writes the metrics files and prints.
 """
 
 from __future__ import annotations
@@ -37,9 +46,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from examples.llama_pretrain import input_pipeline
+from examples.llama_pretrain import input_pipeline, sharding
 from examples.llama_pretrain.configs import LOW_RANK_OPTIMIZERS, OPTIMIZERS, Config
 from examples.llama_pretrain.model import Llama
 
@@ -141,22 +151,44 @@ def loss_fn(model: Llama, tokens_BxL1: jax.Array) -> jax.Array:
     return losses.mean()
 
 
-def make_train_step(graphdef: nnx.GraphDef, schedule: optax.Schedule):
-    """Returns ``train_step(state, tokens_AxBxL1) -> (state, metrics)``, jitted."""
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    schedule: optax.Schedule,
+    shardings: nnx.State | None = None,
+    mesh: Mesh | None = None,
+):
+    """Returns ``train_step(state, tokens_AxBxL1) -> (state, metrics)``, jitted.
+
+    With the state's ``shardings`` (``state_shardings``) on ``mesh``, the step is compiled
+    with explicit shardings: the state in and out as given (donated), the batch split over
+    ``("data", "fsdp")`` along its batch axis, the metrics replicated. Inside, the weights
+    are gathered over ``fsdp`` for the forward and backward passes
+    (``sharding.gather_for_compute``) and the gradients reduce-scattered back to their
+    params' sharding, where the optimizer update runs. Without ``shardings``, a plain
+    ``jax.jit`` (the inputs' shardings decide).
+    """
+
+    def constrain(tree):  # Gradients sharded like their params (reduce-scatter over fsdp).
+        if mesh is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, sharding.param_shardings(tree, mesh))
+
+    def gather(params):  # FSDP: each weight gathered over "fsdp" for the forward/backward.
+        return params if mesh is None else sharding.gather_for_compute(params, mesh)
 
     def train_step(state: nnx.State, tokens_AxBxL1: jax.Array):
         model, optimizer = nnx.merge(graphdef, state)
         model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
         def micro_loss(params, tokens_BxL1):
-            return loss_fn(nnx.merge(model_def, params, rest), tokens_BxL1)
+            return loss_fn(nnx.merge(model_def, gather(params), rest), tokens_BxL1)
 
         def accumulate(carry, tokens_BxL1):
             loss_sum, grad_sum = carry
             loss, grads = jax.value_and_grad(micro_loss)(params, tokens_BxL1)
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, constrain(grads))), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = constrain(jax.tree.map(jnp.zeros_like, params))
         (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), tokens_AxBxL1)
         num_micro = tokens_AxBxL1.shape[0]
         grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
@@ -169,32 +201,136 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: optax.Schedule):
         }
         return nnx.state((model, optimizer)), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, sharding.batch_sharding(mesh, 3, batch_axis=1)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
-    @jax.jit
+def make_eval_step(
+    graphdef: nnx.GraphDef, shardings: nnx.State | None = None, mesh: Mesh | None = None
+):
+    """Returns ``eval_step(state, tokens_BxL1) -> loss``, jitted (explicit shardings on a mesh:
+    the batch's sharding is the caller's, see ``compiled_steps``)."""
+
     def eval_step(state: nnx.State, tokens_BxL1: jax.Array) -> jax.Array:
         model, _ = nnx.merge(graphdef, state)
+        if mesh is not None:  # FSDP: weights gathered over "fsdp" (see make_train_step).
+            model_def, params, rest = nnx.split(model, nnx.Param, ...)
+            model = nnx.merge(model_def, sharding.gather_for_compute(params, mesh), rest)
         return loss_fn(model, tokens_BxL1)
 
-    return eval_step
+    if shardings is None:
+        return jax.jit(eval_step)
+    return jax.jit(
+        eval_step, in_shardings=(shardings, None), out_shardings=sharding.replicated(mesh)
+    )
 
 
-def create_train_state(config: Config) -> tuple[nnx.GraphDef, nnx.State]:
-    """Initial ``(graphdef, state)`` of ``(model, nnx.Optimizer)``, committed to a device."""
+def _build(config: Config) -> tuple[Llama, nnx.Optimizer]:
     model = Llama(config, rngs=nnx.Rngs(config.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-    # Commit the state to a device, as a restored checkpoint is: jit keys its cache on
-    # committed-ness, so a resumed run reuses the step compiled by an earlier run.
-    return graphdef, jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+
+
+def abstract_train_state(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, state)`` of ``(model, nnx.Optimizer)`` without allocating anything.
+
+    The state's leaves are ``jax.ShapeDtypeStruct``s carrying their ``NamedSharding`` on
+    ``mesh``: the params by ``sharding.param_partition_spec``, the optimizer state by
+    ``fira_optax.optimizer_state_shardings`` (low-rank moments and bases follow their
+    params), the step counter and any other leaf replicated.
+    """
+    model, optimizer = nnx.eval_shape(lambda: _build(config))
+    graphdef, abstract = nnx.split((model, optimizer))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    param_sh = sharding.param_shardings(params, mesh)
+    by_path = {
+        (0, *sharding.path_tuple(p)): s
+        for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]
+    }
+    opt_sh = sharding.opt_state_shardings(make_optimizer(config), params, param_sh)
+    by_path.update({(1, "opt_state", *path): s for path, s in opt_sh.items()})
+
+    def one(path, x):
+        keys = sharding.path_tuple(path)
+        if keys[:2] == (1, "opt_state") and keys not in by_path:
+            raise KeyError(f"No sharding for optimizer state leaf {keys} (state layout changed?)")
+        s = by_path.get(keys, sharding.replicated(mesh))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return graphdef, jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def state_shardings(abstract: nnx.State) -> nnx.State:
+    """The ``NamedSharding`` tree of an ``abstract_train_state``."""
+    return jax.tree.map(lambda x: x.sharding, abstract)
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_steps(graphdef: nnx.GraphDef, config: Config):
-    """(train_step, eval_step) for a graph and config, reused by later runs in-process."""
-    return make_train_step(graphdef, make_schedule(config)), make_eval_step(graphdef)
+def _init_fn(config: Config, mesh: Mesh):
+    """The initializer of the state in its sharded layout.
+
+    On a mesh of several devices, one jitted function that creates every shard where it
+    lives (no device ever holds the whole state). On one device, eager initialization
+    committed to the device, as before meshes existed: bit-identical to earlier runs (the
+    fused, jitted initializer rounds the normal samples differently, by up to 1 ulp).
+    """
+    shardings = state_shardings(abstract_train_state(config, mesh)[1])
+    if mesh.size == 1:
+        return lambda: jax.device_put(nnx.state(_build(config)), shardings)
+    return jax.jit(lambda: nnx.state(_build(config)), out_shardings=shardings)
+
+
+def create_train_state(
+    config: Config, mesh: Mesh | str | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """Initial ``(graphdef, state)`` of ``(model, nnx.Optimizer)``, created in its sharded
+    layout on the mesh (default: all devices on ``data``; see ``_init_fn``)."""
+    mesh = sharding.make_mesh(mesh)
+    graphdef, _ = abstract_train_state(config, mesh)
+    return graphdef, _init_fn(config, mesh)()
+
+
+def compiled_steps(graphdef: nnx.GraphDef, config: Config, mesh: Mesh | str | None = None):
+    """(train_step, eval_step) for a graph, config and mesh, reused by later runs in-process.
+
+    Both take the batch as the host's numpy array of the *global* batch (or a global
+    ``jax.Array``): every process keeps only the rows its devices hold
+    (``sharding.host_to_global``). Training batches are split over ``("data", "fsdp")``;
+    an evaluation batch too when its size divides, else (the last, short batch of the full
+    validation pass) it is replicated.
+    """
+    return _compiled_steps(graphdef, config, sharding.make_mesh(mesh))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_steps(graphdef: nnx.GraphDef, config: Config, mesh: Mesh):
+    shardings = state_shardings(abstract_train_state(config, mesh)[1])
+    train_jit = make_train_step(graphdef, make_schedule(config), shardings, mesh)
+    eval_jit = make_eval_step(graphdef, shardings, mesh)
+    train_batch_sh = sharding.batch_sharding(mesh, 3, batch_axis=1)
+    num_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % num_batch_shards:
+        raise ValueError(
+            f"batch_size={config.batch_size} (the global micro-batch) must be divisible by "
+            f"data x fsdp = {num_batch_shards} of the mesh {dict(mesh.shape)}."
+        )
+
+    def train_step(state, tokens_AxBxL1):
+        return train_jit(state, sharding.host_to_global(tokens_AxBxL1, train_batch_sh, 1))
+
+    def eval_step(state, tokens_BxL1):
+        if tokens_BxL1.shape[0] % num_batch_shards == 0:
+            batch_sh = sharding.batch_sharding(mesh, 2, batch_axis=0)
+        else:
+            batch_sh = sharding.replicated(mesh)
+        return eval_jit(state, sharding.host_to_global(tokens_BxL1, batch_sh, 0))
+
+    return train_step, eval_step
 
 
 def evaluate(eval_step, state, dataset, config: Config, full: bool = False) -> dict[str, float]:
@@ -219,11 +355,15 @@ def tree_nbytes(tree: Any) -> int:
 
 
 class MetricsWriter:
-    """Appends JSON lines to ``workdir/metrics.jsonl`` (dropping rows past a resume point)."""
+    """Appends JSON lines to ``workdir/metrics.jsonl`` (dropping rows past a resume point).
 
-    def __init__(self, path: pathlib.Path, resume_step: int):
+    ``enabled=False`` (processes other than 0 of a multi-process run): reads, never writes.
+    """
+
+    def __init__(self, path: pathlib.Path, resume_step: int, enabled: bool = True):
         self.path = path
-        if path.exists():
+        self.enabled = enabled
+        if enabled and path.exists():
             keep = [
                 line
                 for line in path.read_text().splitlines()
@@ -238,6 +378,8 @@ class MetricsWriter:
         return [r for r in rows if r["split"] == split]
 
     def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -254,43 +396,57 @@ def _checkpoint_manager(workdir: pathlib.Path, config: Config) -> ocp.Checkpoint
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
-def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns metrics."""
+def train_and_evaluate(
+    config: Config, workdir: str | pathlib.Path, mesh: Mesh | str | None = None
+) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns metrics.
+
+    ``mesh``: a ``jax.sharding.Mesh`` with axes ``("data", "fsdp", "tensor")`` or a spec
+    such as ``"fsdp=4,tensor=2"`` (``sharding.parse_mesh``); default: every device on
+    ``data``. In a multi-process run every process calls this with the same arguments and
+    ``workdir`` on a file system they share.
+    """
     t_start = time.perf_counter()
+    mesh = sharding.make_mesh(mesh)
+    is_main = jax.process_index() == 0
     workdir = pathlib.Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
     dataset = input_pipeline.load_dataset(config)
     if dataset.vocab_size != config.vocab_size:
         config = dataclasses.replace(config, vocab_size=dataset.vocab_size)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if is_main:
+        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
-    graphdef, state = create_train_state(config)
-    model, optimizer = nnx.merge(graphdef, state)  # Views, for reporting only.
+    graphdef, abstract = abstract_train_state(config, mesh)
+    model, optimizer = nnx.merge(graphdef, abstract)  # Shapes, for reporting only.
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     num_params = int(sum(x.size for x in jax.tree.leaves(params)))
     opt_state_bytes = tree_nbytes(optimizer.opt_state)
     del model, optimizer
-    print(
+    log = print if is_main else (lambda *a, **k: None)
+    log(
         f"{config.optimizer}: {num_params / 1e6:.2f}M params, "
         f"{len(dataset.train_tokens) / 1e6:.2f}M train / {len(dataset.val_tokens) / 1e6:.2f}M "
-        f"val tokens from {dataset.num_documents} documents"
+        f"val tokens from {dataset.num_documents} documents; {sharding.describe_mesh(mesh)}"
     )
     if config.optimizer in ("galore", "fira"):
         import fira_optax as fo
 
-        print(fo.describe_projection(params, config.rank, proj_type=config.proj_type))
+        log(fo.describe_projection(params, config.rank, proj_type=config.proj_type))
 
+    train_step, eval_step = compiled_steps(graphdef, config, mesh)  # Checks the batch size.
     manager = _checkpoint_manager(workdir, config)
     start_step = 0
     if manager is not None and manager.latest_step() is not None:
         start_step = manager.latest_step()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        # Restored straight into the sharded layout: each process reads only its shards.
         state = manager.restore(start_step, args=ocp.args.StandardRestore(abstract))
-        print(f"Resumed from {workdir / 'checkpoints'} at step {start_step}")
+        log(f"Resumed from {workdir / 'checkpoints'} at step {start_step}")
+    else:
+        state = _init_fn(config, mesh)()
 
-    train_step, eval_step = compiled_steps(graphdef, config)
-    writer = MetricsWriter(workdir / "metrics.jsonl", start_step)
+    writer = MetricsWriter(workdir / "metrics.jsonl", start_step, enabled=is_main)
 
     step_times: list[float] = []
     compile_s = float("nan")
@@ -303,6 +459,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
         total=config.num_train_steps,
         desc=config.optimizer,
         dynamic_ncols=True,
+        disable=not is_main,
     )
     for step in bar:
         batch = dataset.train_batch(config, step)
@@ -337,7 +494,8 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
         if done % config.eval_every == 0 or done == config.num_train_steps:
             val = evaluate(eval_step, state, dataset, config, full=done == config.num_train_steps)
             writer.write({"step": done, "split": "val", **val})
-            bar.write(f"step {done}: val loss {val['loss']:.4f}, ppl {val['perplexity']:.2f}")
+            if is_main:
+                bar.write(f"step {done}: val loss {val['loss']:.4f}, ppl {val['perplexity']:.2f}")
         if manager is not None and (
             done % config.checkpoint_every == 0 or done == config.num_train_steps
         ):
@@ -369,5 +527,6 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path) -> dict[str,
         "first_step_s": compile_s,
         "total_time_s": time.perf_counter() - t_start,
     }
-    (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+    if is_main:
+        (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2))
     return result
