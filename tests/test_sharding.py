@@ -99,18 +99,19 @@ for spec in [P("data", None, None), P("data", "model", None), P(None, "model", N
 """
 
 
-def test_randomized_refresh_is_shard_invariant():
+def _run_snippet(script: str, timeout: float) -> str:
+    """Runs `python -c script` on 8 host devices (the script sets XLA_FLAGS); its stdout."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     out = subprocess.run(
-        [sys.executable, "-c", _REFRESH_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
     )
-    diffs = [float(x) for x in out.stdout.split()]
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout
+
+
+def test_randomized_refresh_is_shard_invariant():
+    diffs = [float(x) for x in _run_snippet(_REFRESH_SCRIPT, timeout=300).split()]
     assert len(diffs) == 3 and max(diffs) < 1e-4, diffs
 
 
@@ -241,17 +242,8 @@ for name, tx in wrappers.items():
 
 def test_state_shardings_through_optax_wrappers_on_8_devices():
     """MultiSteps, inject_hyperparams, apply_if_finite, chain, multi_transform, masked."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, "-c", _WRAPPERS_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    stdout = _run_snippet(_WRAPPERS_SCRIPT, timeout=600)
+    results = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert {r["wrapper"] for r in results} == {
         "MultiSteps",
         "inject_hyperparams",
