@@ -330,6 +330,8 @@ def summary(
             continue
         others = (galore, adamw, control)
         parts = [verdict_text(fira, other, reference) for other in others if other]
+        if not parts:
+            continue
         text = f"At rank {rank} of {d_model}, Fira's final val loss is " + ", ".join(parts)
         ablations = [
             f"{what} is {verdict_text(g, fira, reference)}"
