@@ -5,7 +5,8 @@ arXiv:2410.01623), matching the official `fira==1.0.2` / `galore-torch==1.0` cod
 
 The modules follow the flow of one step, bottom-up: `_shapes` (matrix view of a leaf, side
 rule) and `_node` (the guarded update node) at the bottom; `_spec` (the shared
-`ProjectionSpec`); the blocks `_project` (+ `_refresh`) → `_subspace` → `_residual` →
+`ProjectionSpec`); the blocks `_project` (+ `_refresh`: how a basis is refreshed,
+`_schedule`: when, `_distributed`: where, on a mesh) → `_subspace` → `_residual` →
 `_limiter` → `_project_back`; on top `_alias`, `_describe` and `_sharding`.
 """
 

@@ -31,6 +31,8 @@ def _low_rank_direction(
     projected: ProjectedSpec,
     dimension_numbers: DimensionNumbersSpec,
     refresh: str,
+    refresh_schedule: str,
+    refresh_shardings: Any,
     mu_dtype: Any,
     base_optimizer: optax.GradientTransformation | None,
 ) -> optax.GradientTransformation:
@@ -48,7 +50,14 @@ def _low_rank_direction(
         subspace = in_subspace(base_optimizer, spec=spec)
     residual = (norm_scale_residual(), limit_norm_growth(gamma, spec=spec)) if fira else ()
     return optax.chain(
-        project(spec=spec, update_proj_gap=update_proj_gap, scale=scale, refresh=refresh),
+        project(
+            spec=spec,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            refresh=refresh,
+            refresh_schedule=refresh_schedule,
+            refresh_shardings=refresh_shardings,
+        ),
         subspace,
         *residual,
         project_back(),
@@ -67,6 +76,8 @@ def scale_by_galore(
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
     refresh: str = "svd",
+    refresh_schedule: str = "official",
+    refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
@@ -84,6 +95,8 @@ def scale_by_galore(
         projected=projected,
         dimension_numbers=dimension_numbers,
         refresh=refresh,
+        refresh_schedule=refresh_schedule,
+        refresh_shardings=refresh_shardings,
         mu_dtype=mu_dtype,
         base_optimizer=base_optimizer,
     )
@@ -102,6 +115,8 @@ def scale_by_fira(
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
     refresh: str = "svd",
+    refresh_schedule: str = "official",
+    refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
@@ -124,6 +139,8 @@ def scale_by_fira(
         projected=projected,
         dimension_numbers=dimension_numbers,
         refresh=refresh,
+        refresh_schedule=refresh_schedule,
+        refresh_shardings=refresh_shardings,
         mu_dtype=mu_dtype,
         base_optimizer=base_optimizer,
     )
@@ -208,6 +225,8 @@ def galore(
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
     refresh: str = "svd",
+    refresh_schedule: str = "official",
+    refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
@@ -231,6 +250,12 @@ def galore(
       projected: which leaves are projected; see :class:`ProjectionSpec`.
       dimension_numbers: how a leaf is read as matrices; see :class:`ProjectionSpec`.
       refresh: "svd" or "randomized".
+      refresh_schedule: "official" (every matrix refreshes on the same step) or
+        "staggered" (each matrix at its own offset in the `T`-step window, so every step
+        carries about `1/T` of the refresh work); see :func:`project`.
+      refresh_shardings: None, or the params' shardings (a tree of `NamedSharding`s, as
+        given to :func:`optimizer_state_shardings`): the refresh step then divides its work
+        over their devices; see :func:`project`.
       mu_dtype: dtype of the first moment.
       base_optimizer: None (the official low-rank Adam) or any gradient-only optax
         transform to run inside the subspace (see :func:`in_subspace`; `b1`, `b2`, `eps` and
@@ -264,6 +289,8 @@ def galore(
             projected=projected,
             dimension_numbers=dimension_numbers,
             refresh=refresh,
+            refresh_schedule=refresh_schedule,
+            refresh_shardings=refresh_shardings,
             mu_dtype=mu_dtype,
             base_optimizer=base_optimizer,
         ),
@@ -286,6 +313,8 @@ def fira(
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
     refresh: str = "svd",
+    refresh_schedule: str = "official",
+    refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
@@ -346,6 +375,14 @@ def fira(
         :class:`ProjectionSpec` (default: multi-head and conv kernels as one matrix, input
         axes × output axes; scanned layers and experts as stacks).
       refresh: "svd" (exact, the reference) or "randomized" (subspace iteration).
+      refresh_schedule: "official" (every `T` steps, all matrices together) or "staggered"
+        (matrix `j` at its first step and whenever its step count `s_j mod T = o_j`, offsets
+        balancing the refresh work over the window); see :func:`project`.
+      refresh_shardings: None, or the params' shardings (a tree like params of
+        `NamedSharding`s, as given to :func:`optimizer_state_shardings`): the refresh step
+        then divides its SVDs / randomized refreshes over the devices, moving each gradient
+        block once (all-to-all) and the bases back at rank size; same bases. See
+        :func:`project`.
       mu_dtype: dtype of the first moment (default float32).
       base_optimizer: None (the official low-rank Adam) or any gradient-only optax
         transform to run inside the subspace, e.g. `optax.scale_by_factored_rms()` (see
@@ -380,6 +417,8 @@ def fira(
             projected=projected,
             dimension_numbers=dimension_numbers,
             refresh=refresh,
+            refresh_schedule=refresh_schedule,
+            refresh_shardings=refresh_shardings,
             mu_dtype=mu_dtype,
             base_optimizer=base_optimizer,
         ),

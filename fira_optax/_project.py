@@ -1,5 +1,9 @@
 """`project`: the basis refresh and the projection of every selected matrix.
 
+When each matrix refreshes is `_schedule`'s (official or staggered), how is `_refresh`'s
+(exact SVD or randomized), where is `_distributed`'s (with the params' layouts, each device
+refreshes its share of the matrices).
+
 Projected leaves leave this transform as :class:`fira_optax.LowRankUpdate` nodes carrying the
 basis, the gradient (in the leaf's matrix view `(*batch, m, n)`) and the low-rank gradient `R`;
 :func:`fira_optax.project_back` turns them back into dense updates.
@@ -7,14 +11,18 @@ basis, the gradient (in the leaf's matrix view `(*batch, m, n)`) and the low-ran
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
+from fira_optax import _schedule
 from fira_optax._checks import MAX_GAP, as_int, check_real
+from fira_optax._distributed import RefreshLeaf, divided_refresh, layout, mesh_and_specs
 from fira_optax._node import LowRankUpdate
 from fira_optax._refresh import REFRESH_METHODS, refresh_basis
 from fira_optax._shapes import project_matrix
@@ -33,6 +41,9 @@ class ProjectState(NamedTuple):
         `steps % update_proj_gap == 0`; None for the other leaves.
       bases: a tree like params; a projected leaf holds its basis `P` (float32, in its matrix
         view: `(..., m, k)` left or `(..., k, n)` right); every other leaf holds None.
+
+    The state is the same for every `refresh_schedule` and `refresh_shardings` (the staggered
+    offsets are static, derived from the tree).
     """
 
     count: jax.Array
@@ -58,9 +69,11 @@ def project(
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
     refresh: str = "svd",
+    refresh_schedule: str = "official",
+    refresh_shardings: Any = None,
     spec: ProjectionSpec | None = None,
 ) -> optax.GradientTransformation:
-    """Projects the gradient of each selected matrix onto a rank-`rank` subspace.
+    r"""Projects the gradient of each selected matrix onto a rank-`rank` subspace.
 
     Every `update_proj_gap` steps (at steps 1, T+1, 2T+1, ...) the basis is recomputed from the
     current gradient and used in the same step. Projected leaves leave this transform as
@@ -73,6 +86,32 @@ def project(
     basis and its refresh schedule, and gets its first basis at its first non-zero gradient.
     On non-degenerate input every matrix steps every time and this is the official schedule.
 
+    **Staggered refresh** (`refresh_schedule="staggered"`, opt-in). With the official schedule
+    every matrix refreshes on the same step, which then carries every SVD of the model (at
+    LLaMA-60M ~40 normal steps). Staggered, matrix `j`, with its own step count `s_j` (the
+    steps it took before this one), refreshes when
+
+    .. math::
+      s_j = 0 \quad\text{or}\quad s_j \bmod T = o_j, \qquad o_j \in \{0, …, T-1\},
+
+    i.e. at its first step (it cannot train without a basis), then once in every window of `T`
+    steps at its own offset `o_j`, so its basis is never older than `T` steps. The offsets are
+    deterministic, from the projected matrices' shapes and key paths: largest refresh cost
+    first, each on the phase with the least summed cost (cost `m·n·min(m, n)` for the SVD,
+    `m·n·(k+8)` randomized), evenly spread when there are at most `T` matrices — every step
+    carries about `1/T` of the refresh work. The state and the first step are the official
+    ones; later bases are refreshed at other steps, so the trajectory differs slightly.
+
+    **Divided refresh on a mesh** (`refresh_shardings=`, opt-in). Given the params' shardings
+    (the tree of `NamedSharding`s also given to :func:`fira_optax.optimizer_state_shardings`),
+    the refresh step divides its work over the devices: matrices of equal shape are grouped
+    across leaves and layers, every device sends each gradient block it holds once, to the
+    device that refreshes that matrix (one all-to-all: no m×n gradient is all-gathered), each
+    device refreshes its share with the single-device code and random keys (so the bases equal
+    the single-device ones to float32 round-off, sign rule included), and a second all-to-all
+    returns each device the rows of the new bases its state holds. Non-refresh steps are
+    unchanged. Without it (or on one device) every device refreshes every matrix, as before.
+
     Args:
       rank: target rank r (each matrix uses `k = min(r, m, n)`), or a
         :class:`fira_optax.ProjectionSpec`.
@@ -84,6 +123,12 @@ def project(
         :class:`fira_optax.ProjectionSpec`).
       refresh: "svd" (exact, float32, sign-canonical) or "randomized" (subspace iteration
         warm-started from the previous basis; matmuls + thin QR).
+      refresh_schedule: "official" (every matrix when its step count is a multiple of `T`)
+        or "staggered" (each matrix at its own offset in the window; see above).
+      refresh_shardings: None, or the params' shardings — a tree like params of
+        `jax.sharding.NamedSharding` (None leaves: replicated), matched to the leaves by key
+        path (so the whole tree also serves a transform inside `optax.multi_transform`): the
+        refresh is then divided over their mesh (see above).
       spec: the shared :class:`fira_optax.ProjectionSpec` (instead of rank/proj_type/
         projected/dimension_numbers).
 
@@ -95,6 +140,19 @@ def project(
     check_scale(scale)
     if refresh not in REFRESH_METHODS:
         raise ValueError(f"Unknown refresh {refresh!r}; expected one of {REFRESH_METHODS}.")
+    _schedule.check_schedule(refresh_schedule)
+    mesh, spec_of = (None, {}) if refresh_shardings is None else mesh_and_specs(refresh_shardings)
+    if mesh is not None and mesh.size == 1:
+        mesh = None
+
+    def _spec_of(path: str) -> PartitionSpec:
+        if path not in spec_of:
+            known = ", ".join(sorted(spec_of)[:6])
+            raise ValueError(
+                f"project: refresh_shardings has no sharding for the projected leaf {path!r} "
+                f"(it has {known}, ...): pass the params' shardings, a tree like params."
+            )
+        return spec_of[path]
 
     def init_fn(params):
         bases = [
@@ -120,15 +178,15 @@ def project(
         bases = treedef.flatten_up_to(state.bases)
         all_steps = treedef.flatten_up_to(state.steps)
         alpha = jnp.asarray(scale, jnp.float32)
+        if refresh_schedule == "staggered":
+            offsets = _schedule.offsets(plans, update_proj_gap, refresh)
+        else:
+            offsets = [None] * len(plans)
 
-        new_updates, new_bases, new_steps = [], [], []
-        for grad, plan, basis, steps in zip(grads, plans, bases, all_steps, strict=True):
-            if plan is None and basis is None:
-                new_updates.append(grad)
-                new_bases.append(None)
-                new_steps.append(None)
-                continue
-            if plan is None or basis is None or basis.shape != plan.basis_shape:
+        for grad, plan, basis in zip(grads, plans, bases, strict=True):
+            if (plan is None) != (basis is None) or (
+                plan is not None and basis.shape != plan.basis_shape
+            ):
                 name = plan.path if plan is not None else "?"
                 have = None if basis is None else basis.shape
                 raise ValueError(
@@ -137,14 +195,28 @@ def project(
                     f"{have}: the state was initialised for different params (or a different "
                     "spec)."
                 )
+
+        if mesh is not None:  # one divided refresh of every projected matrix
+            bases = _divided(grads, plans, bases, all_steps, offsets, key)
+
+        new_updates, new_bases, new_steps = [], [], []
+        for grad, plan, basis, steps, offset in zip(
+            grads, plans, bases, all_steps, offsets, strict=True
+        ):
+            if plan is None:
+                new_updates.append(grad)
+                new_bases.append(None)
+                new_steps.append(None)
+                continue
             grad_mxn = plan.view.to_matrix(grad)
-            due = steps % update_proj_gap == 0  # per matrix
+            if mesh is None:
+                due = _schedule.due(steps, update_proj_gap, offset)  # per matrix
 
-            def new_basis(grad_mxn=grad_mxn, basis=basis, plan=plan, due=due):
-                key_leaf = leaf_key(key, plan.path)
-                return refresh_basis(grad_mxn, basis, plan.k, plan.side, key_leaf, refresh, due)
+                def new_basis(grad_mxn=grad_mxn, basis=basis, plan=plan, due=due):
+                    key_leaf = leaf_key(key, plan.path)
+                    return refresh_basis(grad_mxn, basis, plan.k, plan.side, key_leaf, refresh, due)
 
-            basis = jax.lax.cond(jnp.any(due), new_basis, lambda basis=basis: basis)
+                basis = jax.lax.cond(jnp.any(due), new_basis, lambda basis=basis: basis)
             low_rank = project_matrix(grad_mxn, basis, plan.side)
             steps = steps + jnp.any(low_rank != 0, axis=(-2, -1)).astype(jnp.int32)
             new_updates.append(
@@ -171,5 +243,34 @@ def project(
                 bases=treedef.unflatten(new_bases),
             ),
         )
+
+    def _divided(grads, plans, bases, all_steps, offsets, key):
+        """The bases after the divided refresh (a list like `bases`)."""
+        picked = [i for i, plan in enumerate(plans) if plan is not None]
+        if not picked:
+            return bases
+        mesh_shape = dict(mesh.shape)
+        leaves = []
+        for i in picked:
+            plan = plans[i]
+            size = math.prod(plan.batch_shape)
+            key_leaf = leaf_key(key, plan.path)
+            keys = jax.random.split(key_leaf, size) if plan.batch_shape else key_leaf[None]
+            due = _schedule.due(all_steps[i], update_proj_gap, offsets[i])
+            leaves.append(
+                RefreshLeaf(
+                    grad=grads[i],
+                    basis=bases[i],
+                    plan=plan,
+                    layout=layout(plan, _spec_of(plan.path), mesh_shape),
+                    keys=jax.random.key_data(keys),
+                    due=due.reshape(size),
+                )
+            )
+        new = divided_refresh(leaves, [offsets[i] for i in picked], mesh, refresh)
+        out = list(bases)
+        for i, basis in zip(picked, new, strict=True):
+            out[i] = basis
+        return out
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -22,6 +22,17 @@ OVERSAMPLE = 8
 POWER_ITERS = 2
 
 
+def refresh_cost(m: int, n: int, k: int, method: str) -> int:
+    """The work of refreshing one m×n matrix at rank k, up to a constant (for balancing).
+
+    `m·n·min(m, n)` for the exact (thin) SVD, whatever k; `m·n·(k + oversample)` for the
+    randomized refresh (its matmuls).
+    """
+    if method == "svd":
+        return m * n * min(m, n)
+    return m * n * min(k + OVERSAMPLE, m, n)
+
+
 def canonicalize_signs(basis_mxk: jax.Array) -> jax.Array:
     """Flips each column of `basis_mxk` so that its largest-magnitude entry is positive."""
     index_k = jnp.argmax(jnp.abs(basis_mxk), axis=-2, keepdims=True)

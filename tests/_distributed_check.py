@@ -1,0 +1,282 @@
+"""The divided refresh on 8 CPU devices vs the single-device refresh (run as a subprocess).
+
+`python tests/_distributed_check.py method:schedule:layout ...` prints one JSON line per case:
+
+- `basis_max_abs`: the largest `|sharded − single|` of any basis entry after any of the steps
+  (the bases are orthonormal, entries ≤ 1), both runs fed the same gradients;
+- `refreshes`: how many (step, matrix) refreshes the single-device run made (so a case that
+  never refreshes cannot pass by accident);
+- `refresh_all_gather_max` / `old_refresh_all_gather_max`: the largest all-gather (elements)
+  in the refresh branch of the compiled step, divided (`refresh_shardings=`) and replicated
+  (without), and `smallest_matrix` (the smallest projected m·n);
+- `all_to_all_bytes`: per device, summed over the refresh branch's all-to-alls, and
+  `grad_bytes_per_device` (the device's share of the projected gradients);
+- `normal_step_same`: whether the non-refresh branch has the same collectives (kind, shape;
+  those of bool scalars aside) as without `refresh_shardings` (the division must not touch
+  the normal step);
+- `shardings_kept`: every state leaf keeps the sharding `fo.optimizer_state_shardings` asks.
+
+The tree: the small LLaMA of `_sharded_check.py` (stacked `(L, m, n)` kernels) plus a 2-D
+kernel and a multi-head `(d, heads, head_dim)` kernel. For the randomized refresh the
+gradients have a clear spectral gap at the rank (rank-16 signal, distinct singular values,
+1e-3 noise): there the top-k subspace is well determined and the two runs must agree to
+float32 round-off at every refresh (on gradients whose trailing basis vectors span pure
+noise, round-off rotates those vectors freely from one warm-started refresh to the next).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import collections  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _sharded_check as sc  # noqa: E402
+
+import fira_optax as fo  # noqa: E402
+
+RANK, GAP, STEPS = sc.RANK, sc.GAP, sc.STEPS  # refreshes at steps 1, 4, 7 (official)
+DATA, MODEL = sc.DATA, sc.MODEL
+
+
+def shapes() -> dict:
+    tree = sc.llama_shapes()
+    tree["adapter"] = (sc.D, sc.F)  # a plain 2-D kernel
+    tree["cross_attn"] = {"query": {"kernel": (sc.D, 4, 16)}}  # d × heads·head_dim
+    return tree
+
+
+def layouts() -> dict[str, dict]:
+    out = sc.layouts()
+    extra = {
+        "fsdp": {"adapter": P((DATA, MODEL), None), "kernel": P((DATA, MODEL), None, None)},
+        "tp": {"adapter": P(None, MODEL), "kernel": P(None, MODEL, None)},
+        "fsdp_tp": {"adapter": P(DATA, MODEL), "kernel": P(DATA, MODEL, None)},
+        "layer_sharded": {"adapter": P(None, DATA), "kernel": P(None, DATA, None)},
+    }
+    for name, specs in out.items():
+        specs["adapter"] = extra[name]["adapter"]
+        specs["cross_attn"] = {"query": {"kernel": extra[name]["kernel"]}}
+    return out
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def gradients(step: int, gapped: bool) -> dict:
+    """`_sharded_check`'s rank-8-plus-noise gradients, or (`gapped`) per projected matrix a
+    rank-16 signal with singular values 4 … 1 plus 1e-3 noise."""
+    rng = np.random.default_rng(2000 + step)
+    tree = jax.tree.map(lambda s: np.zeros(s, np.float32), shapes(), is_leaf=_is_shape)
+    plans = fo.ProjectionSpec(RANK).flat_plans(tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    out = []
+    for leaf, plan in zip(leaves, plans, strict=True):
+        if not gapped or plan is None:
+            out.append(sc.low_rank_plus_noise(rng, leaf.shape))
+            continue
+        batch, m, n = plan.batch_shape, plan.view.m, plan.view.n
+        r = min(RANK, m, n)
+        u = np.linalg.qr(rng.standard_normal((*batch, m, r)))[0]
+        v = np.linalg.qr(rng.standard_normal((*batch, n, r)))[0]
+        g = (u * np.linspace(4.0, 1.0, r)) @ np.swapaxes(v, -1, -2)
+        g = g + 1e-3 * rng.standard_normal((*batch, m, n))
+        out.append(np.asarray(plan.view.from_matrix(g.astype(np.float32))))
+    return treedef.unflatten(out)
+
+
+def init_params() -> dict:
+    rng = np.random.default_rng(0)
+    return jax.tree.map(
+        lambda s: (0.02 * rng.standard_normal(s)).astype(np.float32), shapes(), is_leaf=_is_shape
+    )
+
+
+def make_tx(method: str, schedule: str, shardings=None):
+    return fo.fira(
+        1e-2,
+        RANK,
+        update_proj_gap=GAP,
+        scale=0.25,
+        refresh=method,
+        refresh_schedule=schedule,
+        refresh_shardings=shardings,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# HLO: collectives of the refresh / non-refresh branch.
+
+_COLLECTIVE = re.compile(
+    r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+_ARRAY = re.compile(r"(pred|s32|u32|f32|bf16|f16|s8|u8)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+def arrays(shape_text: str) -> list[tuple[str, int]]:
+    """(dtype, elements) of every array in an HLO shape (a tuple or one array)."""
+    out = []
+    for dtype, dims in _ARRAY.findall(shape_text):
+        out.append((dtype, int(np.prod([int(d) for d in dims.split(",") if d]))))
+    return out
+
+
+def collectives(hlo: str, branch: int) -> collections.Counter:
+    """`(kind, shape text)` counts reachable from ENTRY, taking `branch` at conditionals."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sharding_hlo as sh  # noqa: PLC0415
+
+    comps = sh.computations(hlo)
+    root = re.search(r"ENTRY\s+%?([\w.\-]+)", hlo).group(1)
+    counter, stack, seen = collections.Counter(), [root], set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        for line in comps[name]:
+            m = _COLLECTIVE.search(line)
+            if m:
+                counter[(m.group(2), m.group(1))] += 1
+            if " conditional(" in line:
+                bm = re.search(r"branch_computations=\{([^}]*)\}", line)
+                if bm:
+                    branches = [c.strip().lstrip("%") for c in bm.group(1).split(",")]
+                else:
+                    branches = [
+                        re.search(r"false_computation=%?([\w.\-]+)", line).group(1),
+                        re.search(r"true_computation=%?([\w.\-]+)", line).group(1),
+                    ]
+                stack.append(branches[min(branch, len(branches) - 1)])
+            else:
+                stack += sh.callees(line)
+    return counter
+
+
+def summary(counter: collections.Counter) -> dict:
+    gather_max, to_all_bytes = 0, 0
+    for (kind, shape), count in counter.items():
+        parts = arrays(shape)
+        if kind == "all-gather":
+            gather_max = max([gather_max] + [n for _, n in parts])
+        if kind == "all-to-all":
+            to_all_bytes += count * sum(_BYTES[d] * n for d, n in parts)
+    return {"all_gather_max": gather_max, "all_to_all_bytes": to_all_bytes}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run(method: str, schedule: str, layout: str) -> dict:
+    mesh = sc.make_mesh()
+    gapped = method == "randomized"
+    specs = layouts()[layout]
+    param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+    def compiled(tx, params, state_sh):
+        step = jax.jit(
+            sc.make_step(tx),
+            in_shardings=(param_sh, state_sh, param_sh),
+            out_shardings=(param_sh, param_sh, state_sh),
+        )
+        state = jax.jit(tx.init, out_shardings=state_sh)(params)
+        return step, state
+
+    # Single device: the reference.
+    dev = jax.devices()[0]
+    tx1 = make_tx(method, schedule)
+    params1 = jax.device_put(init_params(), dev)
+    state1 = tx1.init(params1)
+    step1 = jax.jit(sc.make_step(tx1))
+
+    # 8 devices, divided.
+    tx8 = make_tx(method, schedule, param_sh)
+    params8 = jax.device_put(init_params(), param_sh)
+    state_sh = fo.optimizer_state_shardings(tx8, params8, param_sh)
+    step8, state8 = compiled(tx8, params8, state_sh)
+    grads0 = jax.device_put(gradients(0, gapped), param_sh)
+    hlo = step8.lower(params8, state8, grads0).compile().as_text()
+
+    # 8 devices, replicated refresh (no layouts): the collectives to compare with.
+    tx_old = make_tx(method, schedule)
+    step_old, state_old = compiled(
+        tx_old, params8, fo.optimizer_state_shardings(tx_old, params8, param_sh)
+    )
+    hlo_old = step_old.lower(params8, state_old, grads0).compile().as_text()
+
+    new_refresh, old_refresh = summary(collectives(hlo, 1)), summary(collectives(hlo_old, 1))
+
+    def data(counter):  # the collectives that move numbers (not the bool due / flag checks)
+        return collections.Counter(
+            {k: v for k, v in counter.items() if any(d != "pred" for d, _ in arrays(k[1]))}
+        )
+
+    normal_new, normal_old = data(collectives(hlo, 0)), data(collectives(hlo_old, 0))
+
+    worst, refreshes, bad = 0.0, 0, []
+    want = jax.tree.leaves(state_sh)
+    for t in range(STEPS):
+        g = gradients(t, gapped)
+        before = jax.tree.leaves(state1[0][0].bases)
+        params1, _, state1 = step1(params1, state1, jax.device_put(g, dev))
+        params8, _, state8 = step8(params8, state8, jax.device_put(g, param_sh))
+        after = jax.tree.leaves(state1[0][0].bases)
+        for a, b in zip(before, after, strict=True):
+            a, b = np.asarray(a), np.asarray(b)
+            changed = np.any(a != b, axis=(-2, -1))
+            refreshes += int(np.sum(changed))
+        for a, b in zip(after, jax.tree.leaves(state8[0][0].bases), strict=True):
+            worst = max(worst, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
+        for x, s in zip(jax.tree.leaves(state8), want, strict=True):
+            if not x.sharding.is_equivalent_to(s, x.ndim):
+                bad.append(f"step {t + 1}: {x.shape} {x.sharding.spec} != {s.spec}")
+
+    matrices = [
+        (plan.view.m * plan.view.n, plan)
+        for plan in fo.ProjectionSpec(RANK).flat_plans(init_params())
+        if plan is not None
+    ]
+    grad_bytes = sum(4 * mn * int(np.prod(plan.batch_shape)) for mn, plan in matrices) // 8
+    return {
+        "case": f"{method}:{schedule}:{layout}",
+        "basis_max_abs": worst,
+        "refreshes": refreshes,
+        "refresh_all_gather_max": new_refresh["all_gather_max"],
+        "old_refresh_all_gather_max": old_refresh["all_gather_max"],
+        "smallest_matrix": min(mn for mn, _ in matrices),
+        "all_to_all_bytes": new_refresh["all_to_all_bytes"],
+        "grad_bytes_per_device": grad_bytes,
+        "normal_step_same": normal_new == normal_old,
+        "normal_step_diff": sorted(str(k) for k in (set(normal_new) ^ set(normal_old)))[:6],
+        "shardings_kept": not bad,
+        "bad": bad[:5],
+    }
+
+
+def main() -> None:
+    for job in sys.argv[1:]:
+        method, schedule, layout = job.split(":")
+        print(json.dumps(run(method, schedule, layout)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
