@@ -262,6 +262,24 @@ def spread_of(g: dict, reference: dict | None) -> float | None:
     return ref["max"] - ref["min"] if ref and ref["n"] > 1 else None
 
 
+def with_proxy_spreads(reference: dict | None, stats: dict[str, dict]) -> dict:
+    """``reference`` plus, for each one-seed group it lacks, a stand-in seed range: the
+    largest range of the multi-seed groups at the same rank (low-rank optimizers) or of the
+    same optimizer (AdamW)."""
+    groups = dict((reference or {}).get("groups", {}))
+    for key, g in stats.items():
+        if g["n"] > 1 or (key in groups and groups[key]["n"] > 1):
+            continue
+        if g["rank"] is not None:
+            peers = [x for x in stats.values() if x["rank"] == g["rank"] and x["n"] > 1]
+        else:
+            peers = [x for x in stats.values() if x["optimizer"] == g["optimizer"] and x["n"] > 1]
+        if peers:
+            spread = max(x["max"] - x["min"] for x in peers)
+            groups[key] = {"n": 2, "min": 0.0, "max": spread}
+    return {**(reference or {}), "groups": groups}
+
+
 def compare_groups(a: dict, b: dict, reference: dict | None = None) -> tuple[float, str | None]:
     """``(mean_a - mean_b, verdict)``: "lower" / "higher" when the difference is larger than
     the seed spread, "within" when not, None when there is no spread to compare with.
@@ -303,7 +321,10 @@ def verdict_text(a: dict, b: dict, reference: dict | None) -> str:
     delta, verdict = compare_groups(a, b, reference)
     spreads = [x for x in (spread_of(a, reference), spread_of(b, reference)) if x is not None]
     if a["n"] > 1 and b["n"] > 1:
-        rule = "every seed" if verdict in ("lower", "higher") else "the seeds' ranges overlap"
+        seeds = f"{a['n']} vs {b['n']} seeds"
+        rule = (
+            f"every seed, {seeds}" if verdict in ("lower", "higher") else f"ranges overlap, {seeds}"
+        )
     elif spreads and verdict is not None:
         rule = f"seed spread of one run {max(spreads):.3f}"
     else:
@@ -474,11 +495,17 @@ def write_report(
         "## What the runs show",
         "",
     ]
-    sentences = summary(stats, ranks, reference, config.d_model)
-    if reference and any(g["n"] < 2 for g in stats.values()):
+    sentences = summary(stats, ranks, with_proxy_spreads(reference, stats), config.d_model)
+    if any(g["n"] < 2 for g in stats.values()):
+        twin = (
+            f"that of its twin in the rank sweep `{reference_path.name}` "
+            f"({reference.get('data', '?')}), else "
+            if reference
+            else ""
+        )
         sentences.append(
-            f"Seed spreads of single runs come from the rank sweep in `{reference_path.name}` "
-            f"({reference.get('data', '?')})."
+            f"The seed spread of a one-seed group is {twin}the largest seed range measured "
+            "here at the same rank (low-rank optimizers) or for the same optimizer (AdamW)."
         )
     lines += [f"- {s}" for s in sentences] or ["- (no Fira run yet)"]
     present = {g["optimizer"] for g in stats.values()}
