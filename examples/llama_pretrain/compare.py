@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -134,12 +135,14 @@ def finished(run: Run, base: configs.Config, workdir: pathlib.Path) -> dict | No
     return result if same and _comparable(stored, wanted) else None
 
 
-def train_run(run: Run, base: configs.Config, workdir: pathlib.Path) -> dict:
+def train_run(
+    run: Run, base: configs.Config, workdir: pathlib.Path, mesh: str | None = None
+) -> dict:
     result = finished(run, base, workdir)
     if result is None:
         from examples.llama_pretrain import train
 
-        result = train.train_and_evaluate(run.config(base), run.directory(workdir))
+        result = train.train_and_evaluate(run.config(base), run.directory(workdir), mesh=mesh)
     print(json.dumps({"run": run.group, **result}))
     return result
 
@@ -629,6 +632,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--data_path", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--mesh", default=None, help="Device mesh, as main.py's --mesh.")
     parser.add_argument("--plot_only", action="store_true", help="Reuse finished runs.")
     args = parser.parse_args(argv)
 
@@ -646,6 +650,7 @@ def main(argv=None) -> None:
             [config.seed + i for i in range(args.seeds)],
             parse_list(args.adamw_lrs, float) if args.adamw_lrs else [config.adamw_learning_rate],
             args.lr_sweep_seeds,
+            train_fn=functools.partial(train_run, mesh=args.mesh),
         )
     reference = pathlib.Path(args.reference) if args.reference else None
     if reference is not None and reference.resolve() == (workdir / "results.json").resolve():

