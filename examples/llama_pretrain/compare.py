@@ -131,7 +131,9 @@ def finished(run: Run, base: configs.Config, workdir: pathlib.Path) -> dict | No
     except FileNotFoundError:
         return None
     wanted = dataclasses.asdict(run.config(base))
-    same = all(stored.get(k) == wanted[k] for k in SWEPT if k != "vocab_size")
+    # AdamW runs do not depend on the rank (their labels come from the rank-free mask).
+    keys = [k for k in SWEPT if k != "vocab_size" and not (k == "rank" and run.rank is None)]
+    same = all(stored.get(k) == wanted[k] for k in keys)
     return result if same and _comparable(stored, wanted) else None
 
 
