@@ -388,8 +388,9 @@ def _refresh_members(
             me = jax.lax.axis_index(owner_names) if owner_names else 0
             c = g.per_owner
 
+            blocks = [_left_local(grads[i], leaves[i].plan, lay) for i in g.leaves]
             a = _gather_to_owners(
-                [_left_local(grads[i], leaves[i].plan, lay) for i in g.leaves],
+                blocks,
                 g,
                 lay.rows,
                 lay.cols,
@@ -414,7 +415,7 @@ def _refresh_members(
             keys = jax.lax.dynamic_slice_in_dim(keys_table[beta], start, c)
             due = jax.lax.dynamic_slice_in_dim(due_table[beta], start, c)
             cand, ok = _compute(a, old, keys, due, k, method, impl)
-            rows_back = _return_rows(cand, lay.rows, mesh_shape, owner_names)  # (owners·c, mb, k)
+            rows_back, locate = _return_rows(cand, lay.rows, mesh_shape, owner_names)
             ok_all = (
                 jax.lax.all_gather(ok, owner_names, tiled=True)
                 if owner_names and owners > 1
@@ -423,7 +424,7 @@ def _refresh_members(
             for s, t in enumerate(g.slots):
                 if t is not None:
                     i, j = g.entries[t]
-                    cands[i].append((j, rows_back[s], ok_all[s]))
+                    cands[i].append((j, rows_back[locate(s)], ok_all[s]))
         outs = []
         for i in used:
             plan = leaves[i].plan
@@ -567,25 +568,49 @@ def _compute(a, old, keys, due, k, method, impl):
 
 
 def _return_rows(cand, rows, mesh_shape, owner_names):
-    """Every device's rows of the owners' new bases: `(owners·c, mb, k)`, in slot order."""
+    """Every device's rows of the owners' new bases, and where each slot's rows are.
+
+    The rows (the basis' kept dimension) are sharded over `rows` and the bases replicated
+    over the other owner axes: an all-to-all over `rows` hands each device its row block of
+    the bases of the owners in its row group, then an all-gather over the other axes the
+    ones of every other owner. No device builds more than one copy of its own bases.
+
+    Returns:
+      `(buffer, locate)`: `buffer` of shape `(others, row blocks, c, mb, k)`, `locate(slot)`
+      the index of a slot's rows in it.
+    """
     c, m, k = cand.shape
-    owners = math.prod(mesh_shape[a] for a in owner_names)
-    n_blocks = math.prod(mesh_shape[a] for a in rows)
+    row_names = tuple(rows)  # major first, as the blocks are numbered
+    others = tuple(a for a in owner_names if a not in rows)
+    n_blocks = math.prod(mesh_shape[a] for a in row_names)
+    n_others = math.prod(mesh_shape[a] for a in others)
     mb = m // n_blocks
-    blocks = cand.reshape(c, n_blocks, mb, k)
-    dest = []
-    for coord in np.ndindex(*[mesh_shape[a] for a in owner_names]) if owner_names else [()]:
-        where = dict(zip(owner_names, coord, strict=True))
-        b = 0
-        for a in rows:
-            b = b * mesh_shape[a] + where[a]
-        dest.append(b)
-    send = jnp.transpose(blocks[:, np.array(dest)], (1, 0, 2, 3))  # (owners, c, mb, k)
-    if owners > 1:
-        recv = jax.lax.all_to_all(send, owner_names, 0, 0, tiled=False)
+    buf = jnp.swapaxes(cand.reshape(c, n_blocks, mb, k), 0, 1)  # (row blocks, c, mb, k)
+    if n_blocks > 1:
+        buf = jax.lax.all_to_all(buf, row_names, 0, 0, tiled=False)
+    if n_others > 1:
+        buf = jax.lax.all_gather(buf, others, axis=0, tiled=False)
     else:
-        recv = send
-    return recv.reshape(owners * c, mb, k)
+        buf = buf[None]
+
+    def locate(slot: int) -> tuple[int, int, int]:
+        owner, j = divmod(slot, c)
+        coords = dict(
+            zip(
+                owner_names,
+                np.unravel_index(owner, [mesh_shape[a] for a in owner_names]),
+                strict=True,
+            )
+        )
+        o = 0
+        for a in others:  # mesh order, as all_gather numbers them
+            o = o * mesh_shape[a] + int(coords[a])
+        r = 0
+        for a in row_names:
+            r = r * mesh_shape[a] + int(coords[a])
+        return o, r, j
+
+    return buf, locate
 
 
 def mesh_and_specs(refresh_shardings: Any) -> tuple[Any, dict[str, PartitionSpec]]:

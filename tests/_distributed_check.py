@@ -6,11 +6,13 @@
   (the bases are orthonormal, entries ≤ 1), both runs fed the same gradients;
 - `refreshes`: how many (step, matrix) refreshes the single-device run made (so a case that
   never refreshes cannot pass by accident);
-- `refresh_all_gather_max` / `old_refresh_all_gather_max`: the largest all-gather (elements)
-  in the refresh branch of the compiled step, divided (`refresh_shardings=`) and replicated
-  (without), and `smallest_matrix` (the smallest projected m·n);
-- `all_to_all_bytes`: per device, summed over the refresh branch's all-to-alls, and
-  `grad_bytes_per_device` (the device's share of the projected gradients);
+- `refresh_all_gather_width` / `old_refresh_all_gather_width`: over the all-gathers of the
+  refresh branch of the compiled step, divided (`refresh_shardings=`) and replicated
+  (without), the largest "width" of an all-gathered array — the smaller of its last two
+  dimensions: at most the rank for a basis, more for a gradient (`rank`);
+- `moved_bytes` / `old_moved_bytes`: per device, the result bytes of the refresh branch's
+  all-gathers and all-to-alls, and `grad_bytes_per_device` (the device's share of the
+  projected gradients);
 - `normal_step_same`: whether the non-refresh branch has the same collectives (kind, shape;
   those of bool scalars aside) as without `refresh_shardings` (the division must not touch
   the normal step);
@@ -173,14 +175,18 @@ def collectives(hlo: str, branch: int) -> collections.Counter:
 
 
 def summary(counter: collections.Counter) -> dict:
-    gather_max, to_all_bytes = 0, 0
+    """The widest all-gathered matrix (the smaller of an array's last two dimensions: the
+    rank for a basis, > rank for a gradient) and the bytes all-gathered and all-to-all'ed."""
+    widest, moved = 0, 0
     for (kind, shape), count in counter.items():
-        parts = arrays(shape)
-        if kind == "all-gather":
-            gather_max = max([gather_max] + [n for _, n in parts])
-        if kind == "all-to-all":
-            to_all_bytes += count * sum(_BYTES[d] * n for d, n in parts)
-    return {"all_gather_max": gather_max, "all_to_all_bytes": to_all_bytes}
+        if kind not in ("all-gather", "all-to-all"):
+            continue
+        for dtype, dims in _ARRAY.findall(shape):
+            dims = [int(d) for d in dims.split(",") if d]
+            moved += count * _BYTES[dtype] * int(np.prod(dims))
+            if kind == "all-gather" and len(dims) >= 2:
+                widest = max(widest, min(dims[-2:]))
+    return {"all_gather_width": widest, "moved_bytes": moved}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,10 +266,11 @@ def run(method: str, schedule: str, layout: str) -> dict:
         "case": f"{method}:{schedule}:{layout}",
         "basis_max_abs": worst,
         "refreshes": refreshes,
-        "refresh_all_gather_max": new_refresh["all_gather_max"],
-        "old_refresh_all_gather_max": old_refresh["all_gather_max"],
-        "smallest_matrix": min(mn for mn, _ in matrices),
-        "all_to_all_bytes": new_refresh["all_to_all_bytes"],
+        "refresh_all_gather_width": new_refresh["all_gather_width"],
+        "old_refresh_all_gather_width": old_refresh["all_gather_width"],
+        "rank": RANK,
+        "moved_bytes": new_refresh["moved_bytes"],
+        "old_moved_bytes": old_refresh["moved_bytes"],
         "grad_bytes_per_device": grad_bytes,
         "normal_step_same": normal_new == normal_old,
         "normal_step_diff": sorted(str(k) for k in (set(normal_new) ^ set(normal_old)))[:6],
