@@ -530,7 +530,7 @@ def _gather_to_owners(
     recv = recv.reshape(*sizes, c, pm, pn)
     pos = {a: i for i, a in enumerate(owner_names)}
     nd = len(owner_names)
-    if split is None and n_copies > 1:  # copies sent in full: keep the first
+    if split is None and copies:  # copies sent in full (or size-1 axes): keep the first
         index = tuple(0 if a in copies else slice(None) for a in owner_names)
         recv = recv[index]
         kept = [a for a in owner_names if a not in copies]

@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -193,9 +193,14 @@ def summary(counter: collections.Counter) -> dict:
 
 
 def run(method: str, schedule: str, layout: str) -> dict:
+    """One case; `layout` `NAME+unit`: the mesh gains a leading size-1 axis no spec names
+    (as a `data=1` axis of a `data × fsdp × tensor` mesh)."""
+    name, unit = layout.removesuffix("+unit"), layout.endswith("+unit")
     mesh = sc.make_mesh()
+    if unit:
+        mesh = Mesh(mesh.devices.reshape(1, *mesh.devices.shape), ("unit", *mesh.axis_names))
     gapped = method == "randomized"
-    specs = layouts()[layout]
+    specs = layouts()[name]
     param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
     def compiled(tx, params, state_sh):

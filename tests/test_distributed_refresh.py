@@ -71,7 +71,10 @@ def _check(r: dict) -> None:
 
 
 def test_divided_refresh_equals_single_device_fsdp_and_fsdp_tp():
-    for result in _run("svd:official:fsdp", "randomized:official:fsdp_tp"):
+    # fsdp_tp+unit: a mesh axis of size 1 that no param names (the example's data=1 axis).
+    for result in _run(
+        "svd:official:fsdp", "randomized:official:fsdp_tp", "svd:official:fsdp_tp+unit"
+    ):
         _check(result)
 
 
