@@ -70,6 +70,13 @@ class Config:
     scale: float = 0.25
     proj_type: str = "std"
     gamma: float = 1.01  # Fira norm-growth limiter.
+    # "official" (every matrix refreshes on the same step) or "staggered" (each matrix at its
+    # own offset inside the update_proj_gap window: no straggler step; fira_optax README).
+    refresh_schedule: str = "official"
+    # On a mesh of several devices, each device refreshes its share of the projected
+    # matrices (fira_optax's `refresh_shardings=`, the params' layout) instead of every device
+    # refreshing every matrix. No effect on one device.
+    divide_refresh: bool = True
 
     # Training loop.
     batch_size: int = 16  # Sequences per micro-batch.

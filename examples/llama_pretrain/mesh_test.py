@@ -160,6 +160,16 @@ def test_state_is_sharded_and_follows_the_params(parity):
     assert "must be divisible by data x fsdp = 4" in parity["batch_error"]
 
 
+def test_mesh_divides_the_refresh(parity):
+    """On the mesh the example refreshes divided (``divide_refresh``, the default): the
+    gradient blocks travel by all-to-all and fewer arrays are all-gathered than when every
+    device refreshes every matrix (which all-gathers each projected gradient)."""
+    divided, replicated = parity["collectives"]["divided"], parity["collectives"]["replicated"]
+    assert divided["all-to-all"] > 0, divided
+    assert replicated["all-to-all"] == 0, replicated
+    assert divided["all-gather"] < replicated["all-gather"], (divided, replicated)
+
+
 def test_sharded_resume_is_exact(parity):
     resume = parity["resume"]
     assert resume["state_max_abs_diff"] == 0.0, resume
@@ -379,6 +389,24 @@ def _parity(workdir: pathlib.Path, mesh_only: bool = False) -> dict:
         if any(any(a is not None for a in s) for s in specs):
             sharded.append(name)
     out["optimizers_sharded"] = sharded
+    # The refresh on the mesh: divided (default) sends gradient blocks with one all-to-all
+    # per group and gathers only rank-sized bases; replicated (divide_refresh=False) gathers
+    # every projected gradient whole. Collectives counted in the compiled train step.
+    batch = jax.ShapeDtypeStruct(
+        (config.grad_accum_steps, config.batch_size, config.max_seq_len + 1), np.int32
+    )
+    out["collectives"] = {}
+    for divide in (True, False):
+        cfg = dataclasses.replace(config, divide_refresh=divide)
+        gd, abs_state = train.abstract_train_state(cfg, mesh)
+        step = train.make_train_step(
+            gd, train.make_schedule(cfg), train.state_shardings(abs_state), mesh
+        )
+        hlo = step.lower(abs_state, batch).compile().as_text()
+        out["collectives"]["divided" if divide else "replicated"] = {
+            op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
+            for op in ("all-to-all", "all-gather", "all-reduce")
+        }
     try:
         train.compiled_steps(graphdef, dataclasses.replace(config, batch_size=6), mesh)
         out["batch_error"] = ""

@@ -67,7 +67,7 @@ def make_schedule(config: Config) -> optax.Schedule:
 
 
 @functools.lru_cache(maxsize=16)
-def make_optimizer(config: Config) -> optax.GradientTransformation:
+def make_optimizer(config: Config, mesh: Mesh | None = None) -> optax.GradientTransformation:
     """The optimizer named ``config.optimizer`` (see ``configs.OPTIMIZERS``), one schedule.
 
     * ``adamw``: ``optax.adamw`` at ``adamw_learning_rate``.
@@ -79,8 +79,14 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
       at ``adamw_learning_rate`` and the other leaves (embeddings, head, norms) at
       ``learning_rate``, as the low-rank optimizers train them.
 
-    Cached per config: runs of one config in one process share the transformation, hence
-    an equal ``nnx`` graph definition and the compiled steps of ``compiled_steps``.
+    The low-rank optimizers refresh on ``config.refresh_schedule``. On a ``mesh`` of several
+    devices with ``config.divide_refresh``, they get the params' layout
+    (``refresh_shardings=``): a refresh step sends each device the gradient blocks of its
+    share of the projected matrices (one all-to-all), each device decomposes only those, and
+    the bases come back at rank size; no device gathers every gradient or computes every SVD.
+
+    Cached per (config, mesh): runs of one config in one process share the transformation,
+    hence an equal ``nnx`` graph definition and the compiled steps of ``compiled_steps``.
     """
     schedule = make_schedule(config)
     common = dict(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
@@ -101,10 +107,14 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     elif config.optimizer in LOW_RANK_OPTIMIZERS:
         import fira_optax as fo
 
+        refresh = dict(refresh_schedule=config.refresh_schedule)
+        if mesh is not None and mesh.size > 1 and config.divide_refresh:
+            refresh["refresh_shardings"] = _abstract_param_shardings(config, mesh)
         low_rank = dict(
             update_proj_gap=config.update_proj_gap,
             scale=config.scale,
             proj_type=config.proj_type,
+            **refresh,
             **common,
         )
         if config.optimizer == "fira":
@@ -125,6 +135,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
                     update_proj_gap=config.update_proj_gap,
                     scale=config.scale,
                     proj_type=config.proj_type,
+                    **refresh,
                 ),
                 fo.scale_by_low_rank_adam(
                     b1=config.b1,
@@ -231,9 +242,15 @@ def make_eval_step(
     )
 
 
-def _build(config: Config) -> tuple[Llama, nnx.Optimizer]:
+def _abstract_param_shardings(config: Config, mesh: Mesh) -> Any:
+    """The ``NamedSharding`` tree of the model's params on ``mesh`` (nothing allocated)."""
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(config.seed)))
+    return sharding.param_shardings(nnx.as_pure(nnx.state(model, nnx.Param)), mesh)
+
+
+def _build(config: Config, mesh: Mesh | None = None) -> tuple[Llama, nnx.Optimizer]:
     model = Llama(config, rngs=nnx.Rngs(config.seed))
-    return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+    return model, nnx.Optimizer(model, make_optimizer(config, mesh), wrt=nnx.Param)
 
 
 def abstract_train_state(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
@@ -244,7 +261,7 @@ def abstract_train_state(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.
     ``fira_optax.optimizer_state_shardings`` (low-rank moments and bases follow their
     params), the step counter and any other leaf replicated.
     """
-    model, optimizer = nnx.eval_shape(lambda: _build(config))
+    model, optimizer = nnx.eval_shape(lambda: _build(config, mesh))
     graphdef, abstract = nnx.split((model, optimizer))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     param_sh = sharding.param_shardings(params, mesh)
@@ -252,7 +269,7 @@ def abstract_train_state(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.
         (0, *sharding.path_tuple(p)): s
         for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]
     }
-    opt_sh = sharding.opt_state_shardings(make_optimizer(config), params, param_sh)
+    opt_sh = sharding.opt_state_shardings(make_optimizer(config, mesh), params, param_sh)
     by_path.update({(1, "opt_state", *path): s for path, s in opt_sh.items()})
 
     def one(path, x):
@@ -281,8 +298,8 @@ def _init_fn(config: Config, mesh: Mesh):
     """
     shardings = state_shardings(abstract_train_state(config, mesh)[1])
     if mesh.size == 1:
-        return lambda: jax.device_put(nnx.state(_build(config)), shardings)
-    return jax.jit(lambda: nnx.state(_build(config)), out_shardings=shardings)
+        return lambda: jax.device_put(nnx.state(_build(config, mesh)), shardings)
+    return jax.jit(lambda: nnx.state(_build(config, mesh)), out_shardings=shardings)
 
 
 def create_train_state(
