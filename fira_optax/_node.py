@@ -69,6 +69,8 @@ class LowRankUpdate:
         per matrix `(..., 1, 1)`; scalar multiplication of the node lands here).
       step: per matrix `(...)`, int32: the steps this matrix has taken, this one included
         (idle steps — an exactly zero projected gradient — do not count).
+      active: per matrix `(...)`, bool: False for an idle matrix (its projected gradient is
+        exactly zero this step); set once by `project`.
       plan: the static :class:`LeafPlan` (key path, matrix view, side, k).
       has_direction: whether a subspace optimizer has set `direction` (static).
     """
@@ -81,6 +83,7 @@ class LowRankUpdate:
     scale: jax.Array
     step_scale: jax.Array
     step: jax.Array
+    active: jax.Array
     plan: LeafPlan
     has_direction: bool = False
 

@@ -218,7 +218,8 @@ def project(
 
                 basis = jax.lax.cond(jnp.any(due), new_basis, lambda basis=basis: basis)
             low_rank = project_matrix(grad_mxn, basis, plan.side)
-            steps = steps + jnp.any(low_rank != 0, axis=(-2, -1)).astype(jnp.int32)
+            active = jnp.any(low_rank != 0, axis=(-2, -1))  # per matrix; idle: exactly 0
+            steps = steps + active.astype(jnp.int32)
             new_updates.append(
                 LowRankUpdate(
                     basis=basis,
@@ -229,6 +230,7 @@ def project(
                     scale=alpha,
                     step_scale=jnp.ones([], jnp.float32),
                     step=steps,
+                    active=active,
                     plan=plan,
                 )
             )

@@ -59,6 +59,26 @@ def bias_correction(b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, t: jax.A
     return jnp.sqrt(c2) / c1
 
 
+def _per_matrix_bias_corrections(b1, b2, leaves: list) -> list:
+    """`bias_correction` at every low-rank node's per-matrix step count (None for the other
+    leaves), computed in one vectorized pass over all the matrices of the tree rather than
+    a few scalar kernels per leaf."""
+    steps = [u.step for u in leaves if is_low_rank(u)]
+    if not steps:
+        return [None] * len(leaves)
+    flat = jnp.concatenate([jnp.ravel(s) for s in steps])
+    values = bias_correction(b1, b2, jnp.maximum(flat, 1))
+    out, start = [], 0
+    for u in leaves:
+        if not is_low_rank(u):
+            out.append(None)
+            continue
+        size = u.step.size
+        out.append(values[start : start + size].reshape(u.step.shape))
+        start += size
+    return out
+
+
 def _mismatch(block: str, path: str, kind: str, got: tuple, want: tuple) -> ValueError:
     return ValueError(
         f"{block}: leaf {path!r} receives a {kind} of shape {got} but its state has shape "
@@ -145,7 +165,7 @@ def scale_by_low_rank_adam(
             nu = b2_ * nu + one_minus(b2) * jnp.square(g)
             return mu, nu, mu.astype(jnp.float32) / (jnp.sqrt(nu) + eps)
 
-        def step(path, u, mu, nu):
+        def step(path, u, mu, nu, correction):
             if not is_low_rank(u):
                 if mu.shape != u.shape:
                     raise _mismatch(
@@ -163,12 +183,22 @@ def scale_by_low_rank_adam(
                 raise _mismatch(
                     "scale_by_low_rank_adam", u.plan.path, "low-rank gradient", r.shape, mu.shape
                 )
-            new_mu, new_nu, direction = moments(r, mu, nu)
-            active = per_matrix(jnp.any(r != 0, axis=(-2, -1)))  # idle: exactly zero
-            mu = jnp.where(active, new_mu, mu)
-            nu = jnp.where(active, new_nu, nu)
-            correction = per_matrix(bias_correction(b1, b2, jnp.maximum(u.step, 1)))
-            direction = jnp.where(active, direction, 0.0)
+            # An idle matrix (u.active False) keeps its moments and gets no direction. The
+            # skip is folded into per-matrix coefficients (decay 1 and weight 0 when idle, so
+            # mu and nu come back unchanged, bit for bit) rather than `where`s over the
+            # moments: one fused pass over them, as without the skip.
+            active = per_matrix(u.active)
+            zero = jnp.zeros([], jnp.float32)
+            mu = (
+                jnp.where(active, b1_, 1.0) * mu.astype(jnp.float32)
+                + jnp.where(active, one_minus(b1), zero) * r
+            ).astype(mu_dtype)
+            nu = jnp.where(active, b2_, 1.0) * nu + jnp.where(active, one_minus(b2), zero) * (
+                jnp.square(r)
+            )
+            direction = mu.astype(jnp.float32) / (jnp.sqrt(nu) + eps)
+            direction = direction * active.astype(jnp.float32)
+            correction = per_matrix(correction)
             return (
                 u.replace(direction=direction, step_scale=u.step_scale * correction),
                 mu,
@@ -177,7 +207,10 @@ def scale_by_low_rank_adam(
 
         flat_u, treedef = jax.tree.flatten_with_path(updates, is_leaf=is_low_rank)
         flat = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu)]
-        out = [step(p, u, m, v) for (p, u), m, v in zip(flat_u, *flat, strict=True)]
+        corrections = _per_matrix_bias_corrections(b1, b2, [u for _, u in flat_u])
+        out = [
+            step(p, u, m, v, c) for (p, u), m, v, c in zip(flat_u, *flat, corrections, strict=True)
+        ]
         new = [treedef.unflatten([o[i] for o in out]) for i in range(3)]
         return new[0], LowRankAdamState(count=count_inc, mu=new[1], nu=new[2])
 
