@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import math
 import os
 import platform
@@ -56,22 +57,14 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import fira_optax as fo  # noqa: E402
 from fira_optax import _project  # noqa: E402
 
-D_MODEL, FFN = 512, 1376
 SCALE, LR = 0.25, 1e-3
 
 
 def shapes(layers: int) -> dict[str, tuple[int, int]]:
-    d, f = D_MODEL, FFN
-    per_layer = {
-        "attn/q_proj": (d, d),
-        "attn/k_proj": (d, d),
-        "attn/v_proj": (d, d),
-        "attn/o_proj": (d, d),
-        "mlp/gate_proj": (d, f),
-        "mlp/up_proj": (d, f),
-        "mlp/down_proj": (f, d),
-    }
-    return {f"layers_{i}/{k}": s for i in range(layers) for k, s in per_layer.items()}
+    """The projected matrices of `layers` LLaMA-60M layers (step_time.py's table)."""
+    from step_time import SIZES
+
+    return dataclasses.replace(SIZES["60m"], layers=layers).shapes()
 
 
 def tree(layers: int, seed: int) -> dict[str, np.ndarray]:
@@ -82,10 +75,6 @@ def tree(layers: int, seed: int) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # HLO bytes.
 
-_OP = re.compile(
-    r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-    r"(?:-start)?\((.*)$"
-)
 _ARRAY = re.compile(r"(pred|s32|u32|f32|bf16|f16)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s32": 4, "u32": 4, "f32": 4, "bf16": 2, "f16": 2}
 
@@ -101,31 +90,10 @@ def collective_bytes(hlo: str, branch: int) -> collections.Counter:
     """Bytes per collective kind reachable from ENTRY, taking `branch` at conditionals."""
     import sharding_hlo as sh
 
-    comps = sh.computations(hlo)
-    root = re.search(r"ENTRY\s+%?([\w.\-]+)", hlo).group(1)
-    counter, stack, seen = collections.Counter(), [root], set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in comps:
-            continue
-        seen.add(name)
-        for line in comps[name]:
-            m = _OP.search(line)
-            if m:
-                counter[m.group(2)] += _nbytes(m.group(1))
-            if " conditional(" in line:
-                bm = re.search(r"branch_computations=\{([^}]*)\}", line)
-                if bm:
-                    branches = [c.strip().lstrip("%") for c in bm.group(1).split(",")]
-                else:
-                    branches = [
-                        re.search(r"false_computation=%?([\w.\-]+)", line).group(1),
-                        re.search(r"true_computation=%?([\w.\-]+)", line).group(1),
-                    ]
-                stack.append(branches[min(branch, len(branches) - 1)])
-            else:
-                stack += sh.callees(line)
-    return counter
+    out = collections.Counter()
+    for (kind, shape), n in sh.reachable(hlo, branch).items():
+        out[kind] += n * _nbytes(shape)
+    return out
 
 
 def mib(x: float) -> str:

@@ -77,6 +77,13 @@ def count(comps, root, branch: int | None) -> collections.Counter:
     return counter
 
 
+def reachable(hlo: str, branch: int) -> collections.Counter:
+    """`(kind, shape text)` counts of the collectives reachable from the ENTRY computation of
+    compiled `hlo` text, taking `branch` at conditionals (0 = the non-refresh step)."""
+    root = re.search(r"ENTRY\s+%?([\w.\-]+)", hlo).group(1)
+    return count(computations(hlo), root, branch)
+
+
 def report(title: str, counter: collections.Counter) -> None:
     by_kind = collections.Counter()
     for (kind, _), c in counter.items():

@@ -126,10 +126,6 @@ def make_tx(method: str, schedule: str, shardings=None):
 # ----------------------------------------------------------------------------------------------
 # HLO: collectives of the refresh / non-refresh branch.
 
-_COLLECTIVE = re.compile(
-    r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-    r"(?:-start)?\("
-)
 _ARRAY = re.compile(r"(pred|s32|u32|f32|bf16|f16|s8|u8)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
 
@@ -147,31 +143,7 @@ def collectives(hlo: str, branch: int) -> collections.Counter:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sharding_hlo as sh  # noqa: PLC0415
 
-    comps = sh.computations(hlo)
-    root = re.search(r"ENTRY\s+%?([\w.\-]+)", hlo).group(1)
-    counter, stack, seen = collections.Counter(), [root], set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in comps:
-            continue
-        seen.add(name)
-        for line in comps[name]:
-            m = _COLLECTIVE.search(line)
-            if m:
-                counter[(m.group(2), m.group(1))] += 1
-            if " conditional(" in line:
-                bm = re.search(r"branch_computations=\{([^}]*)\}", line)
-                if bm:
-                    branches = [c.strip().lstrip("%") for c in bm.group(1).split(",")]
-                else:
-                    branches = [
-                        re.search(r"false_computation=%?([\w.\-]+)", line).group(1),
-                        re.search(r"true_computation=%?([\w.\-]+)", line).group(1),
-                    ]
-                stack.append(branches[min(branch, len(branches) - 1)])
-            else:
-                stack += sh.callees(line)
-    return counter
+    return sh.reachable(hlo, branch)
 
 
 def summary(counter: collections.Counter) -> dict:

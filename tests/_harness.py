@@ -1,8 +1,11 @@
-"""Shared helpers for the parity tests: gradient sequences, running fira_optax, error metric."""
+"""Shared test helpers: gradient sequences, running fira_optax, the error metric (parity tests);
+running an 8-device check script in a subprocess (sharding tests)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -210,3 +213,22 @@ def relative_errors(
         )
         out[name] = float(err / disp)
     return out
+
+
+def run_device_jobs(script: Path, *jobs: str, timeout: float = 900) -> list[dict]:
+    """Runs `python script JOB ...` (a check that requests its host devices itself, before
+    importing jax) and returns the JSON lines it prints; its stderr tail on failure."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script), *jobs],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+    except subprocess.CalledProcessError as e:
+        raise AssertionError(e.stderr[-4000:]) from e
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -12,11 +12,7 @@ sharding.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import chex
@@ -25,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _harness import run_device_jobs
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,21 +32,8 @@ _SCRIPT = Path(__file__).with_name("_distributed_check.py")
 
 
 def _run(*jobs: str, timeout: float = 900) -> list[dict]:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    try:
-        out = subprocess.run(
-            [sys.executable, str(_SCRIPT), *jobs],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=True,
-        )
-    except subprocess.CalledProcessError as e:
-        raise AssertionError(e.stderr[-4000:]) from e
-    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == len(jobs), out.stderr[-4000:]
+    results = run_device_jobs(_SCRIPT, *jobs, timeout=timeout)
+    assert len(results) == len(jobs), results
     return results
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _harness import run_device_jobs
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,20 +36,7 @@ _SCRIPT = Path(__file__).with_name("_sharded_check.py")
 
 
 def _run(*jobs: str, timeout: float = 600) -> list[dict]:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    try:
-        out = subprocess.run(
-            [sys.executable, str(_SCRIPT), *jobs],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=True,
-        )
-    except subprocess.CalledProcessError as e:
-        raise AssertionError(e.stderr[-4000:]) from e
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return run_device_jobs(_SCRIPT, *jobs, timeout=timeout)
 
 
 def _check(result: dict) -> None:
