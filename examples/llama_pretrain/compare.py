@@ -116,9 +116,14 @@ def ema(values: list[float], decay: float = 0.8) -> list[float]:
 # --------------------------------------------------------------------------- running
 
 
-def _comparable(a: dict, b: dict) -> bool:
-    return {k: v for k, v in a.items() if k not in SWEPT} == {
-        k: v for k, v in b.items() if k not in SWEPT
+def _comparable(stored: dict, wanted: dict) -> bool:
+    """Whether a stored run's config equals ``wanted`` outside the swept fields. A field the
+    stored config lacks (the run predates it) counts as the field's default, which keeps the
+    behaviour from before the field existed."""
+    defaults = {f.name: f.default for f in dataclasses.fields(configs.Config)}
+    stored = {**{k: defaults.get(k) for k in wanted if k not in stored}, **stored}
+    return {k: v for k, v in stored.items() if k not in SWEPT} == {
+        k: v for k, v in wanted.items() if k not in SWEPT
     }
 
 

@@ -352,3 +352,12 @@ def test_rank_sweep_report(corpus, tmp_path):
     first = (tmp_path / "fira_r2" / "seed0" / "final_metrics.json").stat().st_mtime_ns
     compare.main(argv)  # Finished runs are reused, not retrained.
     assert (tmp_path / "fira_r2" / "seed0" / "final_metrics.json").stat().st_mtime_ns == first
+
+
+def test_runs_from_before_a_config_field_existed_stay_comparable():
+    """A stored run whose config lacks a newer field (e.g. ``refresh_schedule``) is compared
+    as if it had the field's default; a different value is not comparable."""
+    wanted = dataclasses.asdict(configs.get_config("micro"))
+    stored = {k: v for k, v in wanted.items() if k not in ("refresh_schedule", "divide_refresh")}
+    assert compare._comparable(stored, wanted)
+    assert not compare._comparable(stored, {**wanted, "refresh_schedule": "staggered"})
