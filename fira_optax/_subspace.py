@@ -160,9 +160,18 @@ def scale_by_low_rank_adam(
         b1_ = jnp.asarray(b1, jnp.float32)
         b2_ = jnp.asarray(b2, jnp.float32)
 
-        def moments(g, mu, nu):
-            mu = (b1_ * mu.astype(jnp.float32) + one_minus(b1) * g).astype(mu_dtype)
-            nu = b2_ * nu + one_minus(b2) * jnp.square(g)
+        def moments(g, mu, nu, active=None):
+            """Adam's moments and `m / (√v + eps)`. With `active` (per matrix, bool), an
+            inactive matrix keeps its moments bit for bit (decay 1, weight 0): the skip is
+            folded into per-matrix coefficients, one fused pass over the moments rather than
+            `where`s over them."""
+            d1, w1, d2, w2 = b1_, one_minus(b1), b2_, one_minus(b2)
+            if active is not None:
+                zero = jnp.zeros([], jnp.float32)
+                d1, w1 = jnp.where(active, d1, 1.0), jnp.where(active, w1, zero)
+                d2, w2 = jnp.where(active, d2, 1.0), jnp.where(active, w2, zero)
+            mu = (d1 * mu.astype(jnp.float32) + w1 * g).astype(mu_dtype)
+            nu = d2 * nu + w2 * jnp.square(g)
             return mu, nu, mu.astype(jnp.float32) / (jnp.sqrt(nu) + eps)
 
         def step(path, u, mu, nu, correction):
@@ -183,20 +192,9 @@ def scale_by_low_rank_adam(
                 raise _mismatch(
                     "scale_by_low_rank_adam", u.plan.path, "low-rank gradient", r.shape, mu.shape
                 )
-            # An idle matrix (u.active False) keeps its moments and gets no direction. The
-            # skip is folded into per-matrix coefficients (decay 1 and weight 0 when idle, so
-            # mu and nu come back unchanged, bit for bit) rather than `where`s over the
-            # moments: one fused pass over them, as without the skip.
+            # An idle matrix (u.active False) keeps its moments and gets no direction.
             active = per_matrix(u.active)
-            zero = jnp.zeros([], jnp.float32)
-            mu = (
-                jnp.where(active, b1_, 1.0) * mu.astype(jnp.float32)
-                + jnp.where(active, one_minus(b1), zero) * r
-            ).astype(mu_dtype)
-            nu = jnp.where(active, b2_, 1.0) * nu + jnp.where(active, one_minus(b2), zero) * (
-                jnp.square(r)
-            )
-            direction = mu.astype(jnp.float32) / (jnp.sqrt(nu) + eps)
+            mu, nu, direction = moments(r, mu, nu, active)
             direction = direction * active.astype(jnp.float32)
             correction = per_matrix(correction)
             return (

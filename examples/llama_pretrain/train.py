@@ -242,6 +242,7 @@ def make_eval_step(
     )
 
 
+@functools.lru_cache(maxsize=16)
 def _abstract_param_shardings(config: Config, mesh: Mesh) -> Any:
     """The ``NamedSharding`` tree of the model's params on ``mesh`` (nothing allocated)."""
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(config.seed)))
@@ -264,7 +265,7 @@ def abstract_train_state(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.
     model, optimizer = nnx.eval_shape(lambda: _build(config, mesh))
     graphdef, abstract = nnx.split((model, optimizer))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
-    param_sh = sharding.param_shardings(params, mesh)
+    param_sh = _abstract_param_shardings(config, mesh)
     by_path = {
         (0, *sharding.path_tuple(p)): s
         for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]
