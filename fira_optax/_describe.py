@@ -46,7 +46,7 @@ def projected_mask(
 
     Raises:
       ValueError: when the mask does not match params, or selects a leaf with fewer than two
-        axes (named in the message).
+        axes or an integer / bool dtype (named in the message).
     """
     if isinstance(rank, ProjectionSpec):
         return rank.mask(params)

@@ -43,8 +43,26 @@ def _is_scalar(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and tuple(x.shape) == ()
 
 
+class _NodeType(type):
+    """The class of :class:`LowRankUpdate`, whose `str()` says what to do.
+
+    A node returned from a `jax.jit`-ed function (a chain without `project_back` under
+    `jax.jit(tx.update)`) fails in JAX's output check with "returned a value of type {type}
+    at output component {path}, which is not a valid JAX type": JAX formats the class with
+    `str()`, so the message names the leaf (the path) and the fix (this text). `repr()` of
+    the class is the usual one.
+    """
+
+    def __str__(cls) -> str:
+        return (
+            "fira_optax.LowRankUpdate (a projected leaf, as it is between "
+            "fo.project() and fo.project_back(): did you forget fo.project_back() at the end "
+            "of the fira_optax blocks?)"
+        )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class LowRankUpdate:
+class LowRankUpdate(metaclass=_NodeType):
     """A projected leaf of the update tree, between `project` and `project_back`.
 
     It stands for the dense update `step_scale · (α·back(N) + S)`, with the residual
@@ -212,6 +230,39 @@ class LowRankUpdate:
 
 def is_low_rank(x: Any) -> bool:
     return isinstance(x, LowRankUpdate)
+
+
+#: The subspace optimizers, as the order checks name them.
+SUBSPACE_OPTIMIZERS = "a subspace optimizer (scale_by_low_rank_adam or in_subspace)"
+
+
+def check_no_direction(block: str, u: Any) -> None:
+    """For a subspace optimizer: raises when the node already carries a direction (a second
+    subspace optimizer, or one placed after norm_scale_residual). Dense leaves pass."""
+    if is_low_rank(u) and u.has_direction:
+        raise ValueError(
+            f"{block}: leaf {u.plan.path!r} already carries a direction from "
+            f"{SUBSPACE_OPTIMIZERS}: a chain has exactly one, right after fo.project(). "
+            f"Keep the order {ORDER}."
+        )
+
+
+def check_residual_order(block: str, u: Any) -> None:
+    """For norm_scale_residual: raises unless the node carries a subspace optimizer's direction
+    and no residual scale yet. Dense leaves pass."""
+    if not is_low_rank(u):
+        return
+    if not u.has_direction:
+        raise ValueError(
+            f"{block}: leaf {u.plan.path!r} has no direction yet: put {block}() after "
+            f"{SUBSPACE_OPTIMIZERS} (φ compares its direction with the low-rank gradient). "
+            f"Keep the order {ORDER}."
+        )
+    if u.residual_scale is not None:
+        raise ValueError(
+            f"{block}: leaf {u.plan.path!r} already has a residual scale: put {block}() once, "
+            f"before limit_norm_growth(). Keep the order {ORDER}."
+        )
 
 
 def map_nodes(fn: Callable[..., Any], updates: Any, *rest: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from fira_optax._node import map_nodes
+from fira_optax._node import check_residual_order, map_nodes
 from fira_optax._shapes import rank_axis
 
 #: Added to ‖R‖ in φ = ‖N‖ / (‖R‖ + NORM_EPS), as in the official code.
@@ -33,7 +33,8 @@ def norm_scale_residual(scaled: bool = True) -> optax.GradientTransformation:
     """Keeps the residual `S = φ ⊙ (G − α·back(R))`, scaled like the low-rank direction.
 
     Must follow the subspace optimizer (φ compares its direction `N` with the low-rank
-    gradient `R`). The residual is stored implicitly as φ in the
+    gradient `R`), once, before the limiter: elsewhere it raises at trace time, naming the
+    order. The residual is stored implicitly as φ in the
     :class:`fira_optax.LowRankUpdate` node and materialized by `project_back`. Dense leaves
     pass through. See :func:`fira_optax.fira` for the maths.
 
@@ -46,6 +47,7 @@ def norm_scale_residual(scaled: bool = True) -> optax.GradientTransformation:
     """
 
     def phi(u):
+        check_residual_order("norm_scale_residual", u)
         scale = residual_scale(u.direction, u.low_rank, u.side)
         return scale if scaled else jnp.ones_like(scale)
 

@@ -11,7 +11,8 @@ The default rule (`projected=None`) projects a leaf when
 1. no component of its key path names an embedding, an output head, a norm, a bias or a norm
    scale (:data:`EXCLUDED`);
 2. it has a matrix view (:func:`default_view`): ≥ 2 axes after its stack axes;
-3. its low-rank state (basis, two moments, the limiter's scalar) is smaller than AdamW's two
+3. it is floating-point (integer and bool leaves never are; selecting one explicitly raises);
+4. its low-rank state (basis, two moments, the limiter's scalar) is smaller than AdamW's two
    full moments — so a leaf is never projected at a loss.
 """
 
@@ -76,6 +77,16 @@ def _shape(leaf: Any) -> tuple[int, ...]:
     return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
 
+def _dtype(leaf: Any) -> Any:
+    return leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+
+
+def has_float_dtype(leaf: Any) -> bool:
+    """Whether the leaf holds real or complex floating-point values (not integers, bools,
+    `float0` gradients or PRNG keys): only those have a gradient step to project."""
+    return jax.dtypes.issubdtype(_dtype(leaf), np.inexact)
+
+
 def _most_square_split(shape: tuple[int, ...]) -> int:
     """The split `s` of `shape` into rows `shape[:s]` and columns `shape[s:]` closest to square."""
     best, best_score = 1, math.inf
@@ -132,9 +143,15 @@ def _resolve_projected(params: Any, projected: ProjectedSpec) -> Any | None:
     mask = projected(params) if callable(projected) else projected
     params_def, mask_def = jax.tree.structure(params), jax.tree.structure(mask)
     if params_def != mask_def:
+        hint = ""
+        if mask_def.num_leaves == 1 and mask_def.num_nodes == 1:  # one value, not a tree
+            hint = (
+                "\n  (Under optax.inject_hyperparams a function passed as projected is called "
+                "as a schedule, with the step count: list 'projected' in static_args.)"
+            )
         raise ValueError(
             "projected: the mask tree does not match the params tree.\n"
-            f"  params: {params_def}\n  mask:   {mask_def}"
+            f"  params: {params_def}\n  mask:   {mask_def}{hint}"
         )
     return mask
 
@@ -191,7 +208,8 @@ class ProjectionSpec:
       projected: which leaves: None (the default rule, see the module docstring), a pytree of
         bools like params, a callable `params -> pytree of bools`, or a regex matched
         (`re.search`) against the '/'-joined key path. An explicit choice is honoured as
-        given (no size check); zero-size leaves are never projected.
+        given (no size check; selecting an integer or bool leaf raises); zero-size leaves are
+        never projected.
       dimension_numbers: how a leaf is read as matrices: None (:func:`default_view`), one
         :class:`DimensionNumbers` for every ≥2-D leaf, a dict `{regex: DimensionNumbers}`
         (first match on the key path; other leaves keep the default), or a pytree like params
@@ -218,8 +236,9 @@ class ProjectionSpec:
         """The plans as a list aligned with `jax.tree.leaves(params)`.
 
         Raises:
-          ValueError: when an explicit `projected` selects a leaf without a matrix view, or a
-            mask / dimension-numbers tree does not match params (the leaf is named).
+          ValueError: when an explicit `projected` selects a leaf without a matrix view or
+            without a floating-point dtype, or a mask / dimension-numbers tree does not match
+            params (the leaf is named).
         """
         mask = _resolve_projected(params, self.projected)
         mask_leaves = None if mask is None else jax.tree.leaves(mask)
@@ -231,13 +250,18 @@ class ProjectionSpec:
             override = None if overrides is None else overrides[i]
             view = default_view(name, shape) if override is None else override.view(shape)
             if mask_leaves is None:
-                chosen = self._default_choice(name, view)
+                chosen = self._default_choice(name, view) and has_float_dtype(leaf)
             else:
                 chosen = bool(mask_leaves[i])
                 if chosen and view is None:
                     raise ValueError(
                         f"projected: leaf {name!r} has shape {shape}; only leaves with at least "
                         "two axes (a matrix, or a stack of matrices) can be projected."
+                    )
+                if chosen and not has_float_dtype(leaf):
+                    raise ValueError(
+                        f"projected: leaf {name!r} has dtype {_dtype(leaf)}; only floating-point "
+                        "leaves can be projected: leave it out of `projected` (set it to False)."
                     )
             if not chosen or math.prod(shape) == 0:
                 plans.append(None)

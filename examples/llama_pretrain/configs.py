@@ -5,6 +5,9 @@ A config is a frozen dataclass; derive variants with ``dataclasses.replace`` (th
 
     cfg = dataclasses.replace(get_config("tiny"), optimizer="fira", num_train_steps=100)
 
+Every config is validated when it is built (``validate``, from ``__post_init__``): a value
+out of range raises a ValueError naming the field and what it accepts.
+
 Presets
 -------
 ``tiny``
@@ -30,6 +33,7 @@ Presets
 from __future__ import annotations
 
 import dataclasses
+import math
 
 # "fira_no_limiter" / "fira_no_phi" are the paper's ablations (Fira without the norm-growth
 # limiter; Fira with the residual added unscaled, phi = 1); "adamw_control" is AdamW with the
@@ -37,6 +41,11 @@ import dataclasses
 # norms) at ``learning_rate``, the rate the low-rank runs train those leaves with.
 LOW_RANK_OPTIMIZERS = ("galore", "fira", "fira_no_limiter", "fira_no_phi")
 OPTIMIZERS = ("adamw", *LOW_RANK_OPTIMIZERS, "adamw_control")
+DTYPES = ("float32", "bfloat16", "float16")  # Activation / compute dtypes.
+PROJ_TYPES = ("std", "reverse_std", "left", "right")  # fira_optax's side rules.
+REFRESH_SCHEDULES = ("official", "staggered")  # fira_optax's refresh schedules.
+#: What ``--set key=value`` accepts for a bool field (any case).
+BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +104,9 @@ class Config:
     tokenizer_path: str | None = None  # Optional HF `tokenizers` JSON; None = bytes.
     val_fraction: float = 0.05  # Tail of every document held out for validation.
 
+    def __post_init__(self):
+        validate(self)
+
     @property
     def peak_lr(self) -> float:
         """Peak lr of the schedule (for "adamw_control": of the projected matrices)."""
@@ -105,6 +117,88 @@ class Config:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum_steps * self.max_seq_len
+
+
+def _int(config: Config, key: str, low: int) -> None:
+    value = getattr(config, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def _real(config: Config, key: str, interval: str) -> None:
+    """A finite number in ``interval``: ``"[a, b]"``, ``"(a, b)"``, ``"[a, inf)"``, ..."""
+    value = getattr(config, key)
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (low < value if interval[0] == "(" else low <= value) and (
+            value < high if interval[-1] == ")" else value <= high
+        )
+    if not ok:
+        raise ValueError(f"{key} must be a finite number in {interval}, got {value!r}")
+
+
+def _choice(config: Config, key: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(config, key)
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _bool(config: Config, key: str) -> None:
+    value = getattr(config, key)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Raises a ValueError naming the field and its allowed values when one is out of range.
+
+    Run on every ``Config`` when it is built (``__post_init__``: the presets,
+    ``dataclasses.replace`` and ``override`` alike).
+    """
+    for key in ("vocab_size", "d_model", "ffn_dim", "num_layers", "num_heads", "max_seq_len"):
+        _int(config, key, 1)
+    if config.d_model % config.num_heads or (config.d_model // config.num_heads) % 2:
+        raise ValueError(
+            "d_model must be num_heads times an even head dimension (RoPE rotates pairs), got "
+            f"d_model={config.d_model}, num_heads={config.num_heads}"
+        )
+    _real(config, "rope_theta", "(0, inf)")
+    _real(config, "rms_eps", "[0, inf)")
+    _bool(config, "scan_layers")
+    _choice(config, "dtype", DTYPES)
+
+    _choice(config, "optimizer", OPTIMIZERS)
+    _real(config, "learning_rate", "(0, inf)")
+    _real(config, "adamw_learning_rate", "(0, inf)")
+    _real(config, "warmup_frac", "[0, 1)")
+    _real(config, "final_lr_frac", "[0, 1]")
+    _real(config, "b1", "[0, 1)")
+    _real(config, "b2", "[0, 1)")
+    _real(config, "eps", "[0, inf)")
+    _real(config, "weight_decay", "[0, inf)")
+    if config.grad_clip is not None:
+        _real(config, "grad_clip", "(0, inf)")  # none: no clipping
+    _int(config, "rank", 1)
+    _int(config, "update_proj_gap", 1)
+    _real(config, "scale", "(0, inf)")
+    _choice(config, "proj_type", PROJ_TYPES)
+    _real(config, "gamma", "[1, inf)")
+    _choice(config, "refresh_schedule", REFRESH_SCHEDULES)
+    _bool(config, "divide_refresh")
+
+    for key in ("batch_size", "grad_accum_steps", "eval_every", "eval_batches", "log_every"):
+        _int(config, key, 1)
+    _int(config, "num_train_steps", 2)  # The schedule: >= 1 warm-up step and 1 decay step.
+    _int(config, "checkpoint_every", 0)
+    _int(config, "max_checkpoints_to_keep", 1)
+    _int(config, "seed", 0)
+
+    for key in ("data_path", "tokenizer_path"):
+        value = getattr(config, key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key} must be a path or none, got {value!r}")
+    _real(config, "val_fraction", "(0, 1)")
 
 
 # Shared by the paper-shaped presets: 512 sequences of 256 tokens per update
@@ -173,24 +267,43 @@ def get_config(name: str) -> Config:
         raise ValueError(f"Unknown config {name!r}; choose from {sorted(PRESETS)}") from None
 
 
+def _parse(key: str, kind: str, raw: str) -> object:
+    """``raw`` as a value of the field ``key`` of type ``kind`` (its annotation)."""
+    if raw.lower() == "none":
+        if "None" not in kind:
+            raise ValueError(f"{key} cannot be none (only the optional fields can)")
+        return None
+    if kind.startswith("bool"):
+        if raw.lower() not in BOOL_WORDS:
+            raise ValueError(f"{key} must be one of {'/'.join(BOOL_WORDS)} (any case), got {raw!r}")
+        return BOOL_WORDS[raw.lower()]
+    if kind.startswith("int"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{key} must be an integer, got {raw!r}") from None
+    if kind.startswith("float"):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {raw!r}") from None
+    return raw
+
+
 def override(config: Config, assignments: list[str]) -> Config:
-    """Applies ``key=value`` strings, parsing values with the field's type."""
+    """Applies ``key=value`` strings, parsing values with the field's type.
+
+    Bools accept true/false/1/0/yes/no (any case), ``none`` sets an optional field to None.
+    The result is validated as a whole (see ``validate``); a ValueError names the key.
+    """
     fields = {f.name: f for f in dataclasses.fields(config)}
     updates = {}
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"Bad override {item!r}; fields are {sorted(fields)}")
-        kind = str(fields[key].type)
-        if raw.lower() == "none":
-            value = None
-        elif kind.startswith("bool"):
-            value = raw.lower() in ("1", "true", "yes")
-        elif kind.startswith("int"):
-            value = int(raw)
-        elif kind.startswith("float"):
-            value = float(raw)
-        else:
-            value = raw
-        updates[key] = value
+        try:
+            updates[key] = _parse(key, str(fields[key].type), raw)
+        except ValueError as e:
+            raise ValueError(f"--set {item}: {e}") from None
     return dataclasses.replace(config, **updates)
