@@ -185,7 +185,10 @@ def scale_by_learning_rate_and_decay(
         del params
         return ScaleByLearningRateState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, *, decays=None):
+        # `decays` (internal, from fira/galore): a list aligned with the update leaves, None
+        # (decay) or a bool array of the leaf's shape (decay where True): idle matrices are
+        # not decayed.
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr, jnp.float32)
         if no_decay:
@@ -201,14 +204,64 @@ def scale_by_learning_rate_and_decay(
             wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
             wd = jnp.asarray(wd, jnp.float32)
 
-            def decayed(u, p):
+            def decayed(u, p, keep=None):
                 step = -lr * u.astype(jnp.float32)
-                return (step - lr * wd * (p.astype(jnp.float32) + step)).astype(u.dtype)
+                decay = lr * wd * (p.astype(jnp.float32) + step)
+                if keep is not None:
+                    decay = jnp.where(keep, decay, 0.0)
+                return (step - decay).astype(u.dtype)
 
-            new = jax.tree.map(decayed, updates, params)
+            if decays is None:
+                new = jax.tree.map(decayed, updates, params)
+            else:
+                leaves, treedef = jax.tree.flatten(updates)
+                pairs = zip(leaves, treedef.flatten_up_to(params), decays, strict=True)
+                new = treedef.unflatten([decayed(u, p, keep) for u, p, keep in pairs])
         return new, ScaleByLearningRateState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _active_matrices(grads: Any, spec: ProjectionSpec) -> list:
+    """A list aligned with `jax.tree.leaves(grads)`: for a projected leaf, a bool array of
+    the leaf's shape, True on the matrices whose gradient is not exactly zero; None for the
+    other leaves."""
+
+    def active(grad, plan):
+        if plan is None:
+            return None
+        grad_mxn = plan.view.to_matrix(grad)
+        any_mxn = jnp.any(grad_mxn != 0, axis=(-2, -1), keepdims=True)
+        return plan.view.from_matrix(jnp.broadcast_to(any_mxn, grad_mxn.shape))
+
+    plans = spec.flat_plans(grads)
+    return [active(g, p) for g, p in zip(jax.tree.leaves(grads), plans, strict=True)]
+
+
+def _with_learning_rate(
+    direction: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule | None,
+    spec: ProjectionSpec,
+) -> optax.GradientTransformation:
+    """`optax.chain(direction, scale_by_learning_rate_and_decay(...))` (the same state),
+    whose weight decay skips idle matrices (an exactly zero gradient), as PyTorch skips a
+    parameter whose `grad` is None."""
+    lr = scale_by_learning_rate_and_decay(learning_rate, weight_decay)
+    if weight_decay is None:
+        return optax.chain(direction, lr)
+    direction = optax.with_extra_args_support(direction)
+
+    def init_fn(params):
+        return direction.init(params), lr.init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        decays = _active_matrices(updates, spec)
+        updates, direction_state = direction.update(updates, state[0], params, **extra_args)
+        updates, lr_state = lr.update(updates, state[1], params, decays=decays)
+        return updates, (direction_state, lr_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def galore(
@@ -246,7 +299,8 @@ def galore(
       b2: second-moment decay.
       eps: added to `√v` (HF-style).
       weight_decay: None (no decay) or decoupled decay, applied after the step to the
-        updated weights, times lr_t.
+        updated weights, times lr_t. An idle matrix (a projected matrix whose gradient is
+        exactly zero) is not decayed, as PyTorch skips a parameter without a gradient.
       projected: which leaves are projected; see :class:`ProjectionSpec`.
       dimension_numbers: how a leaf is read as matrices; see :class:`ProjectionSpec`.
       refresh: "svd" or "randomized".
@@ -277,7 +331,7 @@ def galore(
       Zhao et al., 2024. GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection.
       https://arxiv.org/abs/2403.03507
     """
-    return optax.chain(
+    return _with_learning_rate(
         scale_by_galore(
             rank,
             update_proj_gap=update_proj_gap,
@@ -294,7 +348,9 @@ def galore(
             mu_dtype=mu_dtype,
             base_optimizer=base_optimizer,
         ),
-        scale_by_learning_rate_and_decay(learning_rate, weight_decay),
+        learning_rate,
+        weight_decay,
+        ProjectionSpec(rank, proj_type, projected, dimension_numbers),
     )
 
 
@@ -366,7 +422,8 @@ def fira(
       b2: second-moment decay.
       eps: added to `√v` (HF-style).
       weight_decay: None (no decay) or decoupled decay, applied after the step to the
-        updated weights, times lr_t.
+        updated weights, times lr_t. An idle matrix (a projected matrix whose gradient is
+        exactly zero) is not decayed, as PyTorch skips a parameter without a gradient.
       gamma: γ ≥ 1, the limiter's allowed norm growth per step.
       projected: which leaves are projected; see :class:`ProjectionSpec` (default: the
         attention / MLP kernels — leaves with a matrix view that are not embeddings, heads,
@@ -404,7 +461,7 @@ def fira(
       Chen et al., 2024. Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
       Constraint? https://arxiv.org/abs/2410.01623
     """
-    return optax.chain(
+    return _with_learning_rate(
         scale_by_fira(
             rank,
             update_proj_gap=update_proj_gap,
@@ -422,5 +479,7 @@ def fira(
             mu_dtype=mu_dtype,
             base_optimizer=base_optimizer,
         ),
-        scale_by_learning_rate_and_decay(learning_rate, weight_decay),
+        learning_rate,
+        weight_decay,
+        ProjectionSpec(rank, proj_type, projected, dimension_numbers),
     )

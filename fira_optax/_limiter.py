@@ -28,7 +28,7 @@ class LimitNormGrowthState(NamedTuple):
       count: number of updates taken so far, `shape=(), dtype=int32`.
       norms: a tree like params: for a projected leaf, the remembered residual norm `g`
         (float32, one per matrix: shape `(...)` of the leaf's stack axes; 0 until the matrix's
-        first non-zero residual); None elsewhere.
+        first step with a non-zero gradient); None elsewhere.
     """
 
     count: jax.Array
@@ -92,12 +92,15 @@ def limit_norm_growth(
     Must follow :func:`fira_optax.norm_scale_residual`. Each matrix (also each matrix of a
     stacked leaf) has its own memory `g`; the memory is carried across basis refreshes.
 
-    **Zero residuals.** A matrix whose residual norm is exactly zero (an idle expert or a
-    frozen layer: a zero gradient) leaves its memory untouched, and a matrix whose memory is
-    still 0 takes the first-step rule: an idle step neither resets nor throttles the limiter,
-    where the official code would remember 0 and then hold the residual at 1.01× per step
-    from 1e-8. A non-finite norm also leaves the memory untouched. On non-degenerate input
-    this is exactly the official rule.
+    **A matrix's first step** is its own first step with a non-zero gradient (its step
+    count, carried by the node, is 1), as PyTorch counts a parameter's first step. An idle
+    matrix (an expert that received no tokens, a layer frozen by zeroing its gradient: `G`
+    exactly zero) takes no step and leaves its memory untouched, like a parameter whose
+    `grad` is None. An active matrix remembers its residual norm even when it is 0 (a
+    gradient inside the subspace), as the official code does: a later gradient orthogonal to
+    the basis (`R = 0`, so `φ = ‖N‖ / 10^{-8}`) is then held at γ× per step instead of being
+    applied at that scale. A non-finite norm leaves the memory untouched. On any input
+    without non-finite values this is exactly the official rule.
 
     Args:
       gamma: γ ≥ 1, the allowed growth factor per step.
@@ -151,8 +154,8 @@ def limit_norm_growth(
                 )
             norm = residual_norm(u)
             ratio = jnp.maximum(norm / (memory + LIMITER_EPS), gamma) / gamma
-            limiter = jnp.where(memory > 0, ratio, 1.0)
-            remember = (norm > 0) & jnp.isfinite(norm)
+            limiter = jnp.where(u.step == 1, 1.0, ratio)  # a matrix's first step: remember
+            remember = u.active & jnp.isfinite(norm)
             new_norms.append(jnp.where(remember, norm / limiter, memory))
             new_updates.append(u.replace(residual_scale=u.residual_scale / per_matrix(limiter)))
         return treedef.unflatten(new_updates), LimitNormGrowthState(

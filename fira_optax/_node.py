@@ -86,9 +86,10 @@ class LowRankUpdate(metaclass=_NodeType):
       step_scale: multiplies the whole dense update (Adam's bias correction, a scalar or one
         per matrix `(..., 1, 1)`; scalar multiplication of the node lands here).
       step: per matrix `(...)`, int32: the steps this matrix has taken, this one included
-        (idle steps — an exactly zero projected gradient — do not count).
-      active: per matrix `(...)`, bool: False for an idle matrix (its projected gradient is
-        exactly zero this step); set once by `project`.
+        (idle steps — an exactly zero gradient — do not count).
+      active: per matrix `(...)`, bool: False for an idle matrix (its whole gradient `G` is
+        exactly zero this step; a gradient orthogonal to the basis, `R = 0`, is active);
+        set once by `project`.
       plan: the static :class:`LeafPlan` (key path, matrix view, side, k).
       has_direction: whether a subspace optimizer has set `direction` (static).
     """

@@ -36,8 +36,8 @@ class ProjectState(NamedTuple):
       count: number of updates taken so far, `shape=(), dtype=int32` (seeds the randomized
         refresh).
       steps: a tree like params; a projected leaf holds, per matrix, the number of steps it
-        took (int32, shape `(...)` of its stack axes): a matrix whose projected gradient is
-        exactly zero is idle and does not count. A matrix is refreshed when
+        took (int32, shape `(...)` of its stack axes): a matrix whose gradient is exactly
+        zero is idle and does not count. A matrix is refreshed when
         `steps % update_proj_gap == 0`; None for the other leaves.
       bases: a tree like params; a projected leaf holds its basis `P` (float32, in its matrix
         view: `(..., m, k)` left or `(..., k, n)` right); every other leaf holds None.
@@ -84,7 +84,11 @@ def project(
     gradient is exactly zero (an expert that received no tokens, a layer frozen by zeroing its
     gradient) is *idle* — like a parameter whose `grad` is None it takes no step, keeps its
     basis and its refresh schedule, and gets its first basis at its first non-zero gradient.
-    On non-degenerate input every matrix steps every time and this is the official schedule.
+    Only the whole gradient decides: a non-zero gradient orthogonal to the current basis
+    (`R = 0`, common with sparse gradients — one-hot or embedding-like inputs, small batches,
+    MoE routing) is a step like any other, as in the official code: its moments decay, Fira
+    trains it through the residual, and its step count and refresh schedule advance. On
+    non-degenerate input every matrix steps every time and this is the official schedule.
 
     **Staggered refresh** (`refresh_schedule="staggered"`, opt-in). With the official schedule
     every matrix refreshes on the same step, which then carries every SVD of the model (at
@@ -218,7 +222,10 @@ def project(
 
                 basis = jax.lax.cond(jnp.any(due), new_basis, lambda basis=basis: basis)
             low_rank = project_matrix(grad_mxn, basis, plan.side)
-            active = jnp.any(low_rank != 0, axis=(-2, -1))  # per matrix; idle: exactly 0
+            # Per matrix; idle only when the whole gradient is exactly zero. A non-zero
+            # gradient orthogonal to the basis (R = 0) is a step like any other: the moments
+            # decay, Fira trains it through the residual, the schedule advances.
+            active = jnp.any(grad_mxn != 0, axis=(-2, -1))
             steps = steps + active.astype(jnp.int32)
             new_updates.append(
                 LowRankUpdate(

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_optax._node import LowRankUpdate, map_nodes
-from fira_optax._shapes import back_matrix
+from fira_optax._shapes import back_matrix, per_matrix
 
 
 def dense_update(u: LowRankUpdate) -> jax.Array:
@@ -25,13 +25,17 @@ def dense_update(u: LowRankUpdate) -> jax.Array:
         dense = back_matrix(low_rank, u.basis, u.side) + (u.step_scale * phi) * u.grad.astype(
             jnp.float32
         )
+    # An idle matrix (G exactly zero) does not move, whatever the subspace optimizer's
+    # direction (a momentum-type base optimizer would keep moving it).
+    dense = jnp.where(per_matrix(u.active), dense, 0.0)
     return u.plan.view.from_matrix(dense.astype(u.grad.dtype))
 
 
 def project_back() -> optax.GradientTransformation:
     """Ends the projected part of a chain: every :class:`LowRankUpdate` becomes a dense update.
 
-    The output for a projected leaf is `c_t·(α·back(N) + S)` (GaLore: `c_t·α·back(N)`), `c_t`
+    The output for a projected leaf is `c_t·(α·back(N) + S)` (GaLore: `c_t·α·back(N)`), and
+    exactly zero for an idle matrix (its gradient is exactly zero), `c_t`
     the node's step scale (the bias correction set by
     :func:`fira_optax.scale_by_low_rank_adam`, times any scalar a transform in between
     multiplied the node by), in the leaf's shape; dense leaves pass through. See

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_optax._node import is_low_rank
+from fira_optax._node import check_no_direction, is_low_rank
 from fira_optax._shapes import per_matrix
 from fira_optax._spec import (
     DimensionNumbersSpec,
@@ -112,13 +112,14 @@ def scale_by_low_rank_adam(
     carried as the node's `step_scale`, applied by `project_back` to the whole update. Dense
     leaves (not projected) get the same step with `R = G`, bias correction included.
 
-    **Idle matrices.** A projected matrix whose low-rank gradient is exactly zero (an expert
+    **Idle matrices.** A projected matrix whose gradient `G` is exactly zero (an expert
     that received no tokens, a layer frozen by zeroing its gradient) is treated as PyTorch
     treats a parameter whose `grad` is None: its moments are left untouched and its direction
     is zero, and its step count `t` (counted by `project`, carried by the node) does not
     advance, so idle steps are invisible to it: a layer unfrozen at step s trains exactly as if
-    its optimizer started at s. Dense leaves follow optax/PyTorch Adam on a zero-valued
-    gradient (the moments decay).
+    its optimizer started at s. A non-zero `G` with `R = 0` (orthogonal to the basis) is not
+    idle: the moments decay and `N` follows them, as in the official code. Dense leaves follow
+    optax/PyTorch Adam on a zero-valued gradient (the moments decay).
 
     The moments' shapes come from the spec: give this block the spec given to `project`
     (`spec=`), or the same `rank`, `proj_type`, `projected` and `dimension_numbers`; a mismatch
@@ -175,6 +176,7 @@ def scale_by_low_rank_adam(
             return mu, nu, mu.astype(jnp.float32) / (jnp.sqrt(nu) + eps)
 
         def step(path, u, mu, nu, correction):
+            check_no_direction("scale_by_low_rank_adam", u)
             if not is_low_rank(u):
                 if mu.shape != u.shape:
                     raise _mismatch(
@@ -215,6 +217,51 @@ def scale_by_low_rank_adam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _hold_idle(base: optax.GradientTransformation, updates: Any, old: Any, new: Any) -> Any:
+    """The base optimizer's new state, with the old values kept for the idle matrices.
+
+    The params-shaped parts of the state (`mu`, `nu`, `trace`, the factored vectors, ...) are
+    found with `optax.tree_utils.tree_map_params`; in each, a state leaf of a projected
+    matrix whose leading axes are the leaf's stack axes is taken per matrix from the old state
+    where the matrix is idle. Other state leaves (step counts, ...) take the new values, and
+    so does the whole state of a base optimizer whose `init` cannot run on optax's
+    placeholder params.
+    """
+    if not any(is_low_rank(u) for u in jax.tree.leaves(updates, is_leaf=is_low_rank)):
+        return new
+    dense = object()  # marks state leaves that are not per-matrix
+    actives = jax.tree.map(
+        lambda u: u.active if is_low_rank(u) else dense, updates, is_leaf=is_low_rank
+    )
+    try:
+        marks = optax.tree_utils.tree_map_params(
+            base,
+            lambda _, active: active,
+            new,
+            actives,
+            transform_non_params=lambda subtree: jax.tree.map(lambda _: dense, subtree),
+        )
+    except (TypeError, ValueError, AttributeError):  # an init that computes on the params
+        return new  # (the idle matrix still does not move: project_back zeroes its update)
+    flat_new, treedef = jax.tree.flatten(new)
+    flat_old = treedef.flatten_up_to(old)
+    flat_marks = treedef.flatten_up_to(marks)
+
+    def keep(active, n, o):
+        if active is dense or not hasattr(n, "shape"):
+            return n
+        batch = active.shape
+        if n.shape[: len(batch)] == batch:
+            where = active.reshape(batch + (1,) * (n.ndim - len(batch)))
+        else:  # a state leaf not laid out per matrix: kept only if every matrix is idle
+            where = jnp.any(active)
+        return jnp.where(where, n, o)
+
+    return treedef.unflatten(
+        [keep(a, n, o) for a, n, o in zip(flat_marks, flat_new, flat_old, strict=True)]
+    )
+
+
 class InSubspaceState(NamedTuple):
     """State of :func:`in_subspace`.
 
@@ -243,7 +290,16 @@ def in_subspace(
     `optax.scale_by_factored_rms()`: two vectors). At every step it receives the tree of
     low-rank gradients `R` (dense gradients for the leaves that are not projected) and its
     output becomes each node's direction `N`; Fira's φ and limiter then apply unchanged.
-    With `optax.identity()`, Fira's update is exactly `G` (φ = 1) and GaLore's `α·back(R)`.
+    With `optax.identity()` (`N = R`, φ = ‖R‖ / (‖R‖ + 1e-8) ≈ 1), Fira's update is `G` (up
+    to that 1e-8) while the limiter is inactive — on a step where the residual's norm grows
+    more than γ× it scales the residual down — and GaLore's is `α·back(R)`.
+
+    An idle matrix (its gradient exactly zero) keeps its part of the base optimizer's state
+    bit for bit (the params-shaped parts of the state, found with
+    `optax.tree_utils.tree_map_params`, are selected per matrix) and does not move
+    (`project_back` gives it a zero update), so a momentum-type base (`optax.trace`,
+    `scale_by_lion`, `scale_by_adam`) does not keep moving an expert that received no tokens.
+    State that is not per parameter (a step count) still advances.
 
     The base optimizer must be gradient-only: `scale_by_adam`, `scale_by_rms`,
     `scale_by_factored_rms`, `scale_by_lion`, `scale_by_sign`, `identity`, ... As `params` it
@@ -282,6 +338,7 @@ def in_subspace(
     def update_fn(updates, state, params=None, **extra_args):
         plans = spec.flat_plans(updates)  # nodes are leaves with the dense update's shape
         for u, plan in zip(jax.tree.leaves(updates), plans, strict=True):
+            check_no_direction("in_subspace", u)
             if is_low_rank(u) and (plan is None or plan.low_rank_shape != u.low_rank.shape):
                 raise _mismatch(
                     "in_subspace",
@@ -306,6 +363,7 @@ def in_subspace(
                 is_leaf=is_low_rank,
             )
         outputs, inner = base.update(inputs, state.inner, params, **extra_args)
+        inner = _hold_idle(base, updates, state.inner, inner)
 
         def merge(u, out):
             if not is_low_rank(u):

@@ -40,6 +40,7 @@ import torch
 __all__ = [
     "canonicalize_svd",
     "install_stubs",
+    "jax_svd",
     "make_official_optimizer",
     "run_official",
     "sign_canonical_svd",
@@ -140,6 +141,43 @@ def sign_canonical_svd(compute_dtype: torch.dtype | None = None):
         torch.linalg.svd = original
 
 
+@contextlib.contextmanager
+def jax_svd():
+    """Temporarily make ``torch.linalg.svd`` return fira_optax's own sign-canonical bases.
+
+    ``U`` is ``fira_optax._refresh.svd_basis(A, ·, "left")`` and ``Vh`` its ``"right"``
+    basis, the functions our refresh calls, so both sides start every refresh from the same
+    float32 basis: the comparison then covers everything but the SVD's round-off. Needed
+    where the official formulas magnify that round-off: with sparse gradients a gradient is
+    often exactly orthogonal to the basis, and a basis entry of 1e-7 where the other build
+    has 0 changes `φ = ‖N‖ / (‖R‖ + 1e-8)` by O(1).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from fira_optax._refresh import svd_basis
+
+    original = torch.linalg.svd
+    bases = jax.jit(
+        lambda a, k: (svd_basis(a, k, "left"), svd_basis(a, k, "right")), static_argnums=1
+    )
+
+    def svd(A, full_matrices=True, *, driver=None, out=None):
+        if full_matrices or driver is not None or out is not None:
+            raise NotImplementedError("the test wrapper computes thin SVDs only")
+        k = min(A.shape[-2:])
+        U, Vh = bases(jnp.asarray(A.detach().to(torch.float32).numpy()), k)
+        S = torch.zeros(k, dtype=A.dtype)  # never read by the official projectors
+        as_torch = lambda x: torch.tensor(np.asarray(x)).to(A.dtype)  # noqa: E731
+        return as_torch(U), S, as_torch(Vh)
+
+    torch.linalg.svd = svd
+    try:
+        yield
+    finally:
+        torch.linalg.svd = original
+
+
 # --------------------------------------------------------------------------------------
 # Runner
 # --------------------------------------------------------------------------------------
@@ -210,18 +248,21 @@ def run_official(
     projected: Iterable[str] = (),
     dtype: torch.dtype = torch.float32,
     svd_dtype: torch.dtype | None = None,
+    svd: str = "torch",
     on_step: Callable[[int, torch.optim.Optimizer, dict[str, torch.nn.Parameter]], None]
     | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Run the official ``kind`` optimizer; return the weights after each step.
 
-    ``grads[t][name]`` is assigned to ``param.grad`` (no autograd); ``lrs[t]`` is written into
+    ``grads[t][name]`` is assigned to ``param.grad`` (no autograd; None where it is exactly
+    zero: the parameter is not stepped); ``lrs[t]`` is written into
     every param group before step ``t``. Names in ``projected`` go into the low-rank group
     (Fira's scale key is ``alpha``, GaLore's is ``scale``); the rest into a plain AdamW group.
     ``on_step(t, optimizer, params)`` is called after each step (t from 0) for inspection,
     e.g. of ``optimizer.state[params[name]]["scaling_grad"]`` (Fira's limiter memory).
     ``dtype`` is the parameter/gradient dtype; ``svd_dtype`` see :func:`sign_canonical_svd`
     (``dtype=torch.float64, svd_dtype=torch.float64`` gives an all-float64 official run).
+    ``svd="jax"`` gives the official code fira_optax's own bases (see :func:`jax_svd`).
     """
     if len(grads) != len(lrs):
         raise ValueError(f"{len(grads)} gradients but {len(lrs)} learning rates")
@@ -245,7 +286,7 @@ def run_official(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threading only adds overhead / contention
     try:
-        with sign_canonical_svd(svd_dtype):
+        with sign_canonical_svd(svd_dtype) if svd == "torch" else jax_svd():
             for t, (g, lr) in enumerate(zip(grads, lrs, strict=True)):
                 lr = float(lr)
                 if not math.isfinite(lr) or lr < 0:
@@ -253,7 +294,10 @@ def run_official(
                 for group in opt.param_groups:
                     group["lr"] = lr
                 for name, p in params.items():
-                    p.grad = torch.tensor(np.asarray(g[name]), dtype=dtype)
+                    # An exactly zero gradient is a parameter PyTorch does not step (grad
+                    # None), what fira_optax calls an idle matrix.
+                    grad = np.asarray(g[name])
+                    p.grad = torch.tensor(grad, dtype=dtype) if np.any(grad) else None
                 opt.step()
                 if on_step is not None:
                     on_step(t, opt, params)

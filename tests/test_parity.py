@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import optax
 import pytest
 from _harness import (
@@ -23,6 +24,8 @@ from _harness import (
 )
 from _numpy_reference import projection_side, run_reference
 from _official import run_official
+
+from tests import _sparse
 
 TOL = 1e-4
 STEPS = 24
@@ -186,6 +189,76 @@ def test_parity_with_official(case: Case, record_property):
             raw, lam, _ = res["trace"][t][name][0]
             assert lam > min_lam and raw / prev > 1.01 * min_lam, (name, raw, prev, lam)
             assert cur / prev == pytest.approx(1.01, rel=1e-5), (name, prev, cur)
+
+
+def _sparse_case(kind, gradients, shapes, **hyper):
+    """Ours and the official code on per-leaf gradient sequences `gradients(shape, seed)`."""
+    w0, grads = {}, None
+    for i, (name, shape) in enumerate(shapes.items()):
+        w0[name] = (0.1 * np.random.default_rng([SEED, i]).standard_normal(shape)).astype(
+            np.float32
+        )
+        seq = gradients(shape, i)
+        grads = grads or [{} for _ in seq]
+        for t, g in enumerate(seq):
+            grads[t][name] = g
+    svd = hyper.pop("svd", "torch")
+    lrs = [1e-2] * len(grads)
+    hyper["projected"] = set(shapes)
+    official = run_official(kind, w0, grads, lrs, svd=svd, **hyper)
+    ours = run_ours(kind, w0, grads, 1e-2, **hyper)
+    return w0, grads, ours, official
+
+
+@pytest.mark.parametrize("kind", ["fira", "galore"])
+def test_parity_when_the_gradient_leaves_the_subspace(kind):
+    """A 4×8 matrix at rank 1 whose gradient is row 0 at step 1 and row 1 afterwards: every
+    later gradient is orthogonal to the basis (R = 0) until the refresh, yet the official
+    code moves the weights on every step (momentum, and for Fira the residual, held by the
+    limiter from the first step's zero residual). Both sides use their own SVD: the basis
+    is exactly ±e0."""
+    w0, grads, ours, official = _sparse_case(
+        kind,
+        lambda shape, i: _sparse.one_hot_rows(12, i),
+        {"m": (4, 8)},
+        rank=1,
+        update_proj_gap=3,
+    )
+    errors = relative_errors(ours, official, w0)
+    assert errors["m"] <= TOL, errors
+    for history in (ours, official):
+        moves = [
+            np.abs(b["m"] - a["m"]).max() for a, b in zip([w0, *history[:-1]], history, strict=True)
+        ]
+        assert min(moves) > 1e-3, moves  # no frozen step
+
+
+@pytest.mark.parametrize("kind", ["fira", "galore"])
+@pytest.mark.parametrize("nonzero", [1, 3])
+def test_parity_on_sparse_gradients(kind, nonzero):
+    """Gradients on `nonzero` random rows (wide) / columns (tall) per step, three idle steps
+    (exactly zero: PyTorch's grad None, no step and no weight decay), rank 2, α = 0.25,
+    weight decay. The official code gets fira_optax's bases (`svd="jax"`): a gradient exactly
+    orthogonal to the basis in one build is 1e-7 off it in another, which the official φ
+    turns into an O(1) difference — that round-off, and only it, is left out."""
+    steps, idle = 30, (7, 8, 20)
+    shapes = {"wide": (16, 64), "tall": (64, 16)}
+    w0, grads, ours, official = _sparse_case(
+        kind,
+        lambda shape, i: _sparse.sparse_gradients(shape, steps, i, nonzero=nonzero, idle=idle),
+        shapes,
+        rank=2,
+        update_proj_gap=5,
+        scale=0.25,
+        weight_decay=0.1,
+        svd="jax",
+    )
+    errors = relative_errors(ours, official, w0)
+    assert max(errors.values()) <= TOL, errors
+    for t, (before, after) in enumerate(zip([w0, *ours[:-1]], ours, strict=True)):
+        for name in shapes:
+            moved = np.any(after[name] != before[name])
+            assert moved == (t not in idle), (name, t)  # idle steps: no step, no decay
 
 
 def test_skip_rules_are_needed():
