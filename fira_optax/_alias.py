@@ -12,6 +12,7 @@ from fira_optax._checks import concrete
 from fira_optax._limiter import limit_norm_growth
 from fira_optax._project import project
 from fira_optax._project_back import project_back
+from fira_optax._refresh import RefreshFn
 from fira_optax._residual import norm_scale_residual
 from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec
 from fira_optax._subspace import in_subspace, scale_by_low_rank_adam
@@ -30,11 +31,12 @@ def _low_rank_direction(
     gamma: jax.typing.ArrayLike,
     projected: ProjectedSpec,
     dimension_numbers: DimensionNumbersSpec,
-    refresh: str,
+    refresh: str | RefreshFn,
     refresh_schedule: str,
     refresh_shardings: Any,
     mu_dtype: Any,
     base_optimizer: optax.GradientTransformation | None,
+    seed: int,
 ) -> optax.GradientTransformation:
     """`project → subspace optimizer → [norm_scale_residual → limit_norm_growth] →
     project_back`, every stateful block sharing one spec."""
@@ -57,6 +59,7 @@ def _low_rank_direction(
             refresh=refresh,
             refresh_schedule=refresh_schedule,
             refresh_shardings=refresh_shardings,
+            seed=seed,
         ),
         subspace,
         *residual,
@@ -75,11 +78,12 @@ def scale_by_galore(
     eps: jax.typing.ArrayLike = 1e-6,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str = "svd",
+    refresh: str | RefreshFn = "svd",
     refresh_schedule: str = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
     """GaLore's direction (no learning rate): see :func:`galore`."""
     return _low_rank_direction(
@@ -99,6 +103,7 @@ def scale_by_galore(
         refresh_shardings=refresh_shardings,
         mu_dtype=mu_dtype,
         base_optimizer=base_optimizer,
+        seed=seed,
     )
 
 
@@ -114,11 +119,12 @@ def scale_by_fira(
     gamma: jax.typing.ArrayLike = 1.01,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str = "svd",
+    refresh: str | RefreshFn = "svd",
     refresh_schedule: str = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
     """Fira's direction (no learning rate): see :func:`fira`.
 
@@ -143,6 +149,7 @@ def scale_by_fira(
         refresh_shardings=refresh_shardings,
         mu_dtype=mu_dtype,
         base_optimizer=base_optimizer,
+        seed=seed,
     )
 
 
@@ -277,11 +284,12 @@ def galore(
     weight_decay: optax.ScalarOrSchedule | None = None,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str = "svd",
+    refresh: str | RefreshFn = "svd",
     refresh_schedule: str = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
     r"""GaLore: AdamW with its moments in a low-rank gradient subspace.
 
@@ -303,7 +311,8 @@ def galore(
         exactly zero) is not decayed, as PyTorch skips a parameter without a gradient.
       projected: which leaves are projected; see :class:`ProjectionSpec`.
       dimension_numbers: how a leaf is read as matrices; see :class:`ProjectionSpec`.
-      refresh: "svd" or "randomized".
+      refresh: "svd", "randomized", "random", "random_orthonormal" or a callable; see
+        :func:`project`.
       refresh_schedule: "official" (every matrix refreshes on the same step) or
         "staggered" (each matrix at its own offset in the `T`-step window, so every step
         carries about `1/T` of the refresh work); see :func:`project`.
@@ -314,6 +323,7 @@ def galore(
       base_optimizer: None (the official low-rank Adam) or any gradient-only optax
         transform to run inside the subspace (see :func:`in_subspace`; `b1`, `b2`, `eps` and
         `mu_dtype` are then unused).
+      seed: the seed of the random refresh strategies (see :func:`project`).
 
     Returns:
       An `optax.GradientTransformation`.
@@ -347,6 +357,7 @@ def galore(
             refresh_shardings=refresh_shardings,
             mu_dtype=mu_dtype,
             base_optimizer=base_optimizer,
+            seed=seed,
         ),
         learning_rate,
         weight_decay,
@@ -368,11 +379,12 @@ def fira(
     gamma: jax.typing.ArrayLike = 1.01,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str = "svd",
+    refresh: str | RefreshFn = "svd",
     refresh_schedule: str = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
     r"""Fira: full-rank training with a low-rank optimizer state.
 
@@ -431,7 +443,9 @@ def fira(
       dimension_numbers: how a leaf is read as (a stack of) matrices; see
         :class:`ProjectionSpec` (default: multi-head and conv kernels as one matrix, input
         axes × output axes; scanned layers and experts as stacks).
-      refresh: "svd" (exact, the reference) or "randomized" (subspace iteration).
+      refresh: "svd" (exact, the reference), "randomized" (subspace iteration), "random"
+        (a Gaussian projection), "random_orthonormal" (a Haar-uniform orthonormal basis) or
+        a callable (a strategy of your own); see :func:`project`.
       refresh_schedule: "official" (every `T` steps, all matrices together) or "staggered"
         (matrix `j` at its first step and whenever its step count `s_j mod T = o_j`, offsets
         balancing the refresh work over the window); see :func:`project`.
@@ -444,6 +458,7 @@ def fira(
       base_optimizer: None (the official low-rank Adam) or any gradient-only optax
         transform to run inside the subspace, e.g. `optax.scale_by_factored_rms()` (see
         :func:`in_subspace`; `b1`, `b2`, `eps` and `mu_dtype` are then unused).
+      seed: the seed of the random refresh strategies (see :func:`project`).
 
     Returns:
       An `optax.GradientTransformation`.
@@ -478,6 +493,7 @@ def fira(
             refresh_shardings=refresh_shardings,
             mu_dtype=mu_dtype,
             base_optimizer=base_optimizer,
+            seed=seed,
         ),
         learning_rate,
         weight_decay,

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fira_optax._refresh import randomized_basis, refresh_cost, svd_basis
+from fira_optax._refresh import left_form_basis, refresh_cost
 from fira_optax._shapes import LEFT, LeafPlan, MatrixView
 from fira_optax._spec import path_str
 
@@ -551,11 +551,8 @@ def _compute(a, old, keys, due, k, method, impl):
         old1 = args[3] if len(args) > 3 else None
 
         def compute():
-            if method == "svd":
-                candidate = svd_basis(a1, k, LEFT)
-            else:
-                key = jax.random.wrap_key_data(key_data, impl=impl)
-                candidate = randomized_basis(a1, old1, k, LEFT, key)
+            key = jax.random.wrap_key_data(key_data, impl=impl)
+            candidate = left_form_basis(method, a1, old1, k, key)
             return candidate, jnp.all(jnp.isfinite(candidate))
 
         def skip():

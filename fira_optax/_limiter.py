@@ -51,7 +51,8 @@ def residual_norm(u: Any) -> jax.Array:
     basis): one reduction over G instead of a third m×n×k matmul.
 
     The exact norm of the explicit `S` (scaled before squaring, so it cannot overflow for any
-    finite input) is computed instead, under `lax.cond` so the extra matmul runs only on such
+    finite input) is computed instead always when the basis is not orthonormal (the "random"
+    refresh, a user's callable), else under `lax.cond` so the extra matmul runs only on such
     steps, when for any matrix of the leaf
 
     - the first term cancels: the fast `‖S‖²` is below `CANCELLATION` × `Σ φ²‖G_i‖²` (G lies
@@ -59,11 +60,22 @@ def residual_norm(u: Any) -> jax.Array:
       the matrix; its float32 round-off, ~1e-7·‖G_i‖², would dominate), or
     - a square overflowed: a huge but finite gradient (`‖G_i‖² > 3.4e38`) would give
       `inf − inf`.
+
+    After :func:`fira_optax.norm_scale_gradient` (α = 0, any basis) `S = φ ⊙ G` and
+    `‖S‖² = Σ φ²‖G_i‖²` exactly: one reduction over G, no basis, nothing to cancel; the
+    scaled-before-squaring norm of `φ ⊙ G` only when a square overflowed.
     """
     axis = rank_axis(u.side)
     grad = u.grad.astype(jnp.float32)
     phi_sq = jnp.square(u.residual_scale)
     g_sq = jnp.sum(jnp.square(grad), axis=axis, keepdims=True)
+    if not u.back_projected:  # α = 0: S = φ ⊙ G
+        plain_sq = jnp.sum(phi_sq * g_sq, axis=(-2, -1))
+        return jax.lax.cond(
+            jnp.all(jnp.isfinite(plain_sq)),
+            lambda: jnp.sqrt(plain_sq),
+            lambda: _safe_norm(u.residual_scale * grad),
+        )
     r_sq = jnp.sum(jnp.square(u.low_rank), axis=axis, keepdims=True)
     outside = jnp.maximum(g_sq - r_sq, 0.0)
     inside = jnp.square(1.0 - u.scale) * r_sq
@@ -74,6 +86,8 @@ def residual_norm(u: Any) -> jax.Array:
         back = u.scale * back_matrix(u.low_rank, u.basis, u.side)
         return _safe_norm(u.residual_scale * (grad - back))
 
+    if not u.orthonormal:  # the identity above needs an orthonormal basis
+        return exact()
     fallback = jnp.any((fast_sq < CANCELLATION * scale_sq) | ~jnp.isfinite(fast_sq + scale_sq))
     return jax.lax.cond(fallback, exact, lambda: jnp.sqrt(fast_sq))
 
@@ -89,8 +103,9 @@ def limit_norm_growth(
 
     First step of a matrix: remember `g = ‖S‖_F`, no limiting. Later steps:
     `λ = max(‖S‖ / (g + 1e-8), γ) / γ`, `S ← S / λ`, `g ← ‖S‖ / λ` (the norm after limiting).
-    Must follow :func:`fira_optax.norm_scale_residual`. Each matrix (also each matrix of a
-    stacked leaf) has its own memory `g`; the memory is carried across basis refreshes.
+    Must follow :func:`fira_optax.norm_scale_residual` (or, for APOLLO,
+    :func:`fira_optax.norm_scale_gradient`: then `S = φ ⊙ G`). Each matrix (also each matrix
+    of a stacked leaf) has its own memory `g`; the memory is carried across basis refreshes.
 
     **A matrix's first step** is its own first step with a non-zero gradient (its step
     count, carried by the node, is 1), as PyTorch counts a parameter's first step. An idle
@@ -144,7 +159,8 @@ def limit_norm_growth(
             if u.residual_scale is None:
                 raise ValueError(
                     f"limit_norm_growth: leaf {u.plan.path!r} has no residual; put "
-                    "norm_scale_residual() before limit_norm_growth() in the chain."
+                    "norm_scale_residual() before limit_norm_growth() in the chain "
+                    "(norm_scale_gradient() for APOLLO)."
                 )
             if memory is None or memory.shape != u.plan.batch_shape:
                 raise ValueError(

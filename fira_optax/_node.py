@@ -30,7 +30,8 @@ from fira_optax._shapes import LeafPlan
 
 ORDER = (
     "project → subspace optimizer (scale_by_low_rank_adam / in_subspace) → "
-    "norm_scale_residual → limit_norm_growth → project_back, then dense transforms "
+    "norm_scale_residual (Fira; norm_scale_gradient for APOLLO) → limit_norm_growth → "
+    "project_back, then dense transforms "
     "(clipping, weight decay, learning rate) and optax.apply_updates"
 )
 
@@ -68,7 +69,12 @@ class LowRankUpdate(metaclass=_NodeType):
     It stands for the dense update `step_scale · (α·back(N) + S)`, with the residual
     `S = φ ⊙ (G − α·back(R))` kept implicit (as its per-row/column scale φ) so that
     `project_back` builds it with one matmul and one elementwise pass. All arrays are in the
-    leaf's matrix view `(*batch, m, n)` (see :class:`fira_optax.DimensionNumbers`).
+    leaf's matrix view `(*batch, m, n)` (see :class:`fira_optax.DimensionNumbers`). After
+    :func:`fira_optax.norm_scale_gradient` (APOLLO) α is 0 and the node stands for
+    `step_scale · φ ⊙ G`, with no matmul at all (`back_projected` is False). After
+    :func:`fira_optax.state_free_residual` with `rule="sign"` (FRUGAL's signSGD) the residual
+    is `S = φ ⊙ sign(G − α·back(R))` (`residual_sign` is True), which is not linear in `G`:
+    `project_back` then builds `back(R)` explicitly (one more matmul and an m×n temporary).
 
     A subspace optimizer reads `low_rank` and sets `direction` (`node.replace(direction=...)`,
     which also marks the node as carrying a direction). Scalar multiplication scales what the
@@ -92,6 +98,18 @@ class LowRankUpdate(metaclass=_NodeType):
         set once by `project`.
       plan: the static :class:`LeafPlan` (key path, matrix view, side, k).
       has_direction: whether a subspace optimizer has set `direction` (static).
+      orthonormal: whether the basis is orthonormal (static; False for the "random"
+        refresh and for a user's callable), which the limiter's fast residual norm needs.
+      back_projected: whether the update has low-rank terms `α·back(·)` (static). False
+        after :func:`fira_optax.norm_scale_gradient`, which sets α = 0: the update is
+        `step_scale · φ ⊙ G`, and the limiter and `project_back` skip the basis.
+      residual_sign: whether the residual is `S = φ ⊙ sign(G − α·back(R))` (static; set by
+        :func:`fira_optax.state_free_residual` with `rule="sign"`) instead of
+        `φ ⊙ (G − α·back(R))`.
+      basis_age: per matrix `(...)`, int32: the steps this matrix has taken with its current
+        basis, this one included (1 on the step `project` refreshed it); set by `project`.
+        A subspace optimizer that resets its state at a refresh
+        (`scale_by_low_rank_adam(reset_on_refresh=True)`) reads it.
     """
 
     basis: jax.Array
@@ -105,6 +123,10 @@ class LowRankUpdate(metaclass=_NodeType):
     active: jax.Array
     plan: LeafPlan
     has_direction: bool = False
+    orthonormal: bool = True
+    back_projected: bool = True
+    residual_sign: bool = False
+    basis_age: jax.Array | None = None
 
     def replace(self, **kwargs: Any) -> LowRankUpdate:
         if "direction" in kwargs:
@@ -249,8 +271,8 @@ def check_no_direction(block: str, u: Any) -> None:
 
 
 def check_residual_order(block: str, u: Any) -> None:
-    """For norm_scale_residual: raises unless the node carries a subspace optimizer's direction
-    and no residual scale yet. Dense leaves pass."""
+    """For norm_scale_residual / norm_scale_gradient: raises unless the node carries a subspace
+    optimizer's direction and no residual scale yet. Dense leaves pass."""
     if not is_low_rank(u):
         return
     if not u.has_direction:

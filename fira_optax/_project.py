@@ -24,7 +24,7 @@ from fira_optax import _schedule
 from fira_optax._checks import MAX_GAP, as_int, check_real
 from fira_optax._distributed import RefreshLeaf, divided_refresh, layout, mesh_and_specs
 from fira_optax._node import LowRankUpdate
-from fira_optax._refresh import REFRESH_METHODS, refresh_basis
+from fira_optax._refresh import DATA_FREE, RefreshFn, check_refresh, refresh_basis
 from fira_optax._shapes import project_matrix
 from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec, make_spec
 
@@ -68,10 +68,11 @@ def project(
     *,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str = "svd",
+    refresh: str | RefreshFn = "svd",
     refresh_schedule: str = "official",
     refresh_shardings: Any = None,
     spec: ProjectionSpec | None = None,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
     r"""Projects the gradient of each selected matrix onto a rank-`rank` subspace.
 
@@ -125,8 +126,15 @@ def project(
       projected: which leaves are projected (see :class:`fira_optax.ProjectionSpec`).
       dimension_numbers: how a leaf is read as matrices (see
         :class:`fira_optax.ProjectionSpec`).
-      refresh: "svd" (exact, float32, sign-canonical) or "randomized" (subspace iteration
-        warm-started from the previous basis; matmuls + thin QR).
+      refresh: how a basis is refreshed: "svd" (exact, float32, sign-canonical),
+        "randomized" (subspace iteration warm-started from the previous basis; matmuls +
+        thin QR), "random" (a Gaussian projection with entries `N(0, 1/k)`, drawn anew at
+        every refresh, independent of the gradient: APOLLO's), "random_orthonormal" (a
+        Haar-uniform orthonormal basis: GoLore's), or a callable
+        `fn(grad_mxn, basis, key, *, k, side, path, step) -> new basis` called per matrix
+        (float32 gradient `(m, n)`, the old basis, zeros before the first refresh; the leaf's
+        key path; the matrix's step count before this step) returning the basis in the
+        old one's shape.
       refresh_schedule: "official" (every matrix when its step count is a multiple of `T`)
         or "staggered" (each matrix at its own offset in the window; see above).
       refresh_shardings: None, or the params' shardings — a tree like params of
@@ -135,6 +143,9 @@ def project(
         refresh is then divided over their mesh (see above).
       spec: the shared :class:`fira_optax.ProjectionSpec` (instead of rank/proj_type/
         projected/dimension_numbers).
+      seed: the seed of the random strategies ("randomized", "random",
+        "random_orthonormal", a callable's `key`): each refresh of each matrix draws from a
+        key derived from it, the step count and the leaf's key path.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -142,10 +153,18 @@ def project(
     spec = make_spec("project", spec, rank, proj_type, projected, dimension_numbers)
     update_proj_gap = as_int("update_proj_gap", update_proj_gap, high=MAX_GAP)
     check_scale(scale)
-    if refresh not in REFRESH_METHODS:
-        raise ValueError(f"Unknown refresh {refresh!r}; expected one of {REFRESH_METHODS}.")
+    check_refresh(refresh)
+    if not isinstance(seed, jax.core.Tracer):  # inject_hyperparams may trace it: fine
+        seed = as_int("seed", seed, low=0, high=2**31 - 1)
     _schedule.check_schedule(refresh_schedule)
-    mesh, spec_of = (None, {}) if refresh_shardings is None else mesh_and_specs(refresh_shardings)
+    divisible = not callable(refresh) and refresh not in DATA_FREE
+    orthonormal = not callable(refresh) and refresh != "random"
+    if refresh_shardings is None or not divisible:
+        # A random strategy reads no gradient (no gradient moves; under jit each device draws
+        # what its sharded state holds); a callable runs where the gradient is.
+        mesh, spec_of = None, {}
+    else:
+        mesh, spec_of = mesh_and_specs(refresh_shardings)
     if mesh is not None and mesh.size == 1:
         mesh = None
 
@@ -176,7 +195,7 @@ def project(
 
     def update_fn(updates, state, params=None):
         del params
-        key = jax.random.fold_in(jax.random.key(0), state.count)
+        key = jax.random.fold_in(jax.random.key(seed), state.count)
         grads, treedef = jax.tree.flatten(updates)
         plans = spec.flat_plans(updates)
         bases = treedef.flatten_up_to(state.bases)
@@ -216,9 +235,19 @@ def project(
             if mesh is None:
                 due = _schedule.due(steps, update_proj_gap, offset)  # per matrix
 
-                def new_basis(grad_mxn=grad_mxn, basis=basis, plan=plan, due=due):
+                def new_basis(grad_mxn=grad_mxn, basis=basis, plan=plan, due=due, steps=steps):
                     key_leaf = leaf_key(key, plan.path)
-                    return refresh_basis(grad_mxn, basis, plan.k, plan.side, key_leaf, refresh, due)
+                    return refresh_basis(
+                        grad_mxn,
+                        basis,
+                        plan.k,
+                        plan.side,
+                        key_leaf,
+                        refresh,
+                        due,
+                        path=plan.path,
+                        steps=steps,
+                    )
 
                 basis = jax.lax.cond(jnp.any(due), new_basis, lambda basis=basis: basis)
             low_rank = project_matrix(grad_mxn, basis, plan.side)
@@ -226,6 +255,7 @@ def project(
             # gradient orthogonal to the basis (R = 0) is a step like any other: the moments
             # decay, Fira trains it through the residual, the schedule advances.
             active = jnp.any(grad_mxn != 0, axis=(-2, -1))
+            age = _schedule.basis_age(steps, update_proj_gap, offset)
             steps = steps + active.astype(jnp.int32)
             new_updates.append(
                 LowRankUpdate(
@@ -239,6 +269,8 @@ def project(
                     step=steps,
                     active=active,
                     plan=plan,
+                    orthonormal=orthonormal,
+                    basis_age=age,
                 )
             )
             new_bases.append(basis)
