@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_optax._checks import concrete
+from fira_optax._checks import MAX_GAP, as_int, concrete
 from fira_optax._limiter import limit_norm_growth
 from fira_optax._project import project
 from fira_optax._project_back import project_back
-from fira_optax._refresh import RefreshFn
+from fira_optax._refresh import RefreshFn, check_refresh, left_form_basis, svd_basis
 from fira_optax._residual import norm_scale_residual
 from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec
 from fira_optax._subspace import in_subspace, scale_by_low_rank_adam
@@ -357,6 +357,170 @@ def galore(
             refresh_shardings=refresh_shardings,
             mu_dtype=mu_dtype,
             base_optimizer=base_optimizer,
+            seed=seed,
+        ),
+        learning_rate,
+        weight_decay,
+        ProjectionSpec(rank, proj_type, projected, dimension_numbers),
+    )
+
+
+def _golore_refresh(svd_steps: int, refresh: str | RefreshFn) -> RefreshFn:
+    """GoLore's strategy: the top-k SVD while a matrix's step count is below `svd_steps`,
+    `refresh` (a random strategy, or a callable) afterwards."""
+
+    def strategy(grad_mxn, basis, key, *, k, side, path, step):
+        def random():
+            if callable(refresh):
+                return refresh(grad_mxn, basis, key, k=k, side=side, path=path, step=step)
+            a_mxn = grad_mxn if side == "left" else grad_mxn.T
+            old = basis if side == "left" else basis.T
+            new = left_form_basis(refresh, a_mxn, old, k, key)
+            return new if side == "left" else new.T
+
+        if svd_steps == 0:
+            return random()
+        return jax.lax.cond(step < svd_steps, lambda: svd_basis(grad_mxn, k, side), random)
+
+    return strategy
+
+
+def scale_by_golore(
+    rank: int,
+    *,
+    update_proj_gap: int = 200,
+    svd_steps: int = 0,
+    scale: jax.typing.ArrayLike = 1.0,
+    proj_type: str = "std",
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    projected: ProjectedSpec = None,
+    dimension_numbers: DimensionNumbersSpec = None,
+    refresh: str | RefreshFn = "random_orthonormal",
+    refresh_schedule: str = "official",
+    mu_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """GoLore's direction (no learning rate): see :func:`golore`.
+
+    The chain `project(refresh=<SVD, then random>) → scale_by_low_rank_adam(
+    transport_on_refresh=True) → project_back` with one :class:`ProjectionSpec`.
+    """
+    svd_steps = as_int("svd_steps", svd_steps, low=0, high=MAX_GAP)
+    check_refresh(refresh)
+    if refresh in ("svd", "randomized"):
+        raise ValueError(
+            f"golore: refresh={refresh!r} is a data-driven strategy; GoLore's refreshes after "
+            "svd_steps are random: 'random_orthonormal' (the paper's), 'random' or a callable."
+        )
+    spec = ProjectionSpec(rank, proj_type, projected, dimension_numbers)
+    return optax.chain(
+        project(
+            spec=spec,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            refresh=_golore_refresh(svd_steps, refresh),
+            refresh_schedule=refresh_schedule,
+            seed=seed,
+        ),
+        scale_by_low_rank_adam(
+            b1, b2, eps, spec=spec, mu_dtype=mu_dtype, transport_on_refresh=True
+        ),
+        project_back(),
+    )
+
+
+def golore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int,
+    *,
+    update_proj_gap: int = 200,
+    svd_steps: int = 0,
+    scale: jax.typing.ArrayLike = 1.0,
+    proj_type: str = "std",
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    weight_decay: optax.ScalarOrSchedule | None = None,
+    projected: ProjectedSpec = None,
+    dimension_numbers: DimensionNumbersSpec = None,
+    refresh: str | RefreshFn = "random_orthonormal",
+    refresh_schedule: str = "official",
+    mu_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    r"""GoLore: GaLore with random orthonormal projections, which provably converges.
+
+    GaLore's SVD basis follows the stochastic gradient; when the true gradient is small the
+    gradient noise dominates it and GaLore stalls. GoLore refreshes with a basis drawn
+    uniformly from the Stiefel manifold instead (independent of the noise), after an optional
+    SVD phase. For a projected matrix (see :func:`fira` for the projection and notation),
+    with `s` the matrix's step count before this step and `T = update_proj_gap`:
+
+    1. when `s mod T = 0`: `P ←` the top-k SVD basis of `G` if `s < svd_steps`, else a
+       Haar-uniform orthonormal k-frame (`refresh`); on every refresh after the first the
+       first moment is carried into the new basis, `m ← P_newᵀ P_old m` (left side) or
+       `m ← m P_old P_newᵀ` (right side); `v` is kept;
+    2. the low-rank AdamW step of :func:`galore`: `W ← W − s_t α back(m / (√v + ε))`.
+
+    The paper's pre-training runs keep the SVD for the first 80 % of the steps
+    (`svd_steps=int(0.8 * total_steps)`); `svd_steps=0` (the default) is pure GoLore.
+    The refresh runs where the gradient is (`refresh_shardings` does not divide it).
+
+    Differences from the reference code: its optimizer form (`golore_torch/adamw.py`)
+    computes the carried first moment but does not store it (the step after a refresh uses
+    the old coordinates again); we carry it as its ReLoRA-style form (`merge_and_reinit`)
+    does. Its random bases are drawn with torch's RNG; ours with JAX's (`seed`), from the
+    same distribution.
+
+    Args:
+      learning_rate: a scalar or a schedule.
+      rank: rank r of the projection (`k = min(r, m, n)` per matrix).
+      update_proj_gap: T, steps between basis refreshes.
+      svd_steps: the number of steps (per matrix) during which refreshes use the SVD.
+      scale: α.
+      proj_type: "std", "reverse_std", "left" or "right".
+      b1: first-moment decay.
+      b2: second-moment decay.
+      eps: added to `√v` (HF-style).
+      weight_decay: None or decoupled decay (as in :func:`galore`).
+      projected: which leaves are projected; see :class:`ProjectionSpec`.
+      dimension_numbers: how a leaf is read as matrices; see :class:`ProjectionSpec`.
+      refresh: the strategy after `svd_steps`: "random_orthonormal" (the paper's),
+        "random" or a callable (see :func:`project`).
+      refresh_schedule: "official" or "staggered" (see :func:`project`).
+      mu_dtype: dtype of the first moment.
+      seed: the seed of the random bases.
+
+    Returns:
+      An `optax.GradientTransformation`.
+
+    Examples:
+      >>> import jax.numpy as jnp, fira_optax as fo
+      >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+      >>> tx = fo.golore(1e-2, rank=2, update_proj_gap=10, svd_steps=100)
+      >>> updates, state = tx.update(params, tx.init(params), params)
+
+    References:
+      He et al., 2024. Subspace Optimization for Large Language Models with Convergence
+      Guarantees. https://arxiv.org/abs/2410.11289
+    """
+    return _with_learning_rate(
+        scale_by_golore(
+            rank,
+            update_proj_gap=update_proj_gap,
+            svd_steps=svd_steps,
+            scale=scale,
+            proj_type=proj_type,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            projected=projected,
+            dimension_numbers=dimension_numbers,
+            refresh=refresh,
+            refresh_schedule=refresh_schedule,
+            mu_dtype=mu_dtype,
             seed=seed,
         ),
         learning_rate,
