@@ -39,7 +39,10 @@ import math
 # limiter; Fira with the residual added unscaled, phi = 1); "adamw_control" is AdamW with the
 # projected matrices at ``adamw_learning_rate`` and every other leaf (embeddings, output head,
 # norms) at ``learning_rate``, the rate the low-rank runs train those leaves with.
-LOW_RANK_OPTIMIZERS = ("galore", "fira", "fira_no_limiter", "fira_no_phi")
+#: The low-rank family beyond Fira and GaLore (fira_optax's aliases of the same names).
+FAMILY = ("apollo", "apollo_mini", "golore", "frugal")
+LOW_RANK_OPTIMIZERS = ("galore", "fira", "fira_no_limiter", "fira_no_phi", *FAMILY)
+STATE_FREE = ("sign", "sgd")
 OPTIMIZERS = ("adamw", *LOW_RANK_OPTIMIZERS, "adamw_control")
 DTYPES = ("float32", "bfloat16", "float16")  # Activation / compute dtypes.
 PROJ_TYPES = ("std", "reverse_std", "left", "right")  # fira_optax's side rules.
@@ -86,6 +89,14 @@ class Config:
     # matrices (fira_optax's `refresh_shardings=`, the params' layout) instead of every device
     # refreshing every matrix. No effect on one device.
     divide_refresh: bool = True
+    # The family: APOLLO's scale (its update is multiplied by √apollo_scale; APOLLO-Mini
+    # uses its own 128), the fraction of the steps GoLore refreshes with the SVD before it
+    # draws random bases (the paper: 0.8), FRUGAL's state-free update of what the subspace
+    # misses ("sign" descent or "sgd") and its learning rate relative to the subspace's.
+    apollo_scale: float = 1.0
+    golore_svd_frac: float = 0.8
+    frugal_state_free: str = "sign"
+    frugal_state_free_ratio: float = 1.0
 
     # Training loop.
     batch_size: int = 16  # Sequences per micro-batch.
@@ -186,6 +197,10 @@ def validate(config: Config) -> None:
     _real(config, "gamma", "[1, inf)")
     _choice(config, "refresh_schedule", REFRESH_SCHEDULES)
     _bool(config, "divide_refresh")
+    _real(config, "apollo_scale", "(0, inf)")
+    _real(config, "golore_svd_frac", "[0, 1]")
+    _choice(config, "frugal_state_free", STATE_FREE)
+    _real(config, "frugal_state_free_ratio", "[0, inf)")
 
     for key in ("batch_size", "grad_accum_steps", "eval_every", "eval_batches", "log_every"):
         _int(config, key, 1)

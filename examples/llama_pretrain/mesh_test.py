@@ -1,4 +1,4 @@
-"""The example on a device mesh (issue #10): 8 host CPU devices, ``fsdp=4,tensor=2``.
+"""The example on a device mesh: 8 host CPU devices, ``fsdp=4,tensor=2``.
 
 The 8 devices must be requested before jax is imported, so the training runs happen in a
 subprocess (this file, run as ``python -m examples.llama_pretrain.mesh_test JOB DIR``, with

@@ -117,10 +117,29 @@ def make_optimizer(config: Config, mesh: Mesh | None = None) -> optax.GradientTr
             **refresh,
             **common,
         )
+        family = dict(low_rank, scale=config.apollo_scale)
         if config.optimizer == "fira":
             tx = fo.fira(schedule, config.rank, gamma=config.gamma, **low_rank)
         elif config.optimizer == "galore":
             tx = fo.galore(schedule, config.rank, **low_rank)
+        elif config.optimizer == "apollo":
+            tx = fo.apollo(schedule, config.rank, gamma=config.gamma, **family)
+        elif config.optimizer == "apollo_mini":
+            del family["scale"]  # APOLLO-Mini: rank 1, its own scale
+            tx = fo.apollo_mini(schedule, gamma=config.gamma, **family)
+        elif config.optimizer == "golore":
+            low_rank.pop("refresh_shardings", None)  # refreshes where the gradient is
+            svd_steps = int(config.golore_svd_frac * config.num_train_steps)
+            tx = fo.golore(schedule, config.rank, svd_steps=svd_steps, **low_rank)
+        elif config.optimizer == "frugal":
+            del low_rank["scale"]  # no α: the subspace update is projected back as it is
+            tx = fo.frugal(
+                schedule,
+                config.rank,
+                state_free=config.frugal_state_free,
+                state_free_learning_rate_ratio=config.frugal_state_free_ratio,
+                **low_rank,
+            )
         else:
             residual = {
                 "fira_no_limiter": [fo.norm_scale_residual()],

@@ -178,10 +178,12 @@ def test_bundled_corpus_splits():
     assert a.shape == (1, config.batch_size, config.max_seq_len + 1)
 
 
-# --------------------------------------------------------------------------- issue #11
+# --------------------------------------------------------------------------- the other optimizers
 
 
-@pytest.mark.parametrize("optimizer", ["fira_no_limiter", "fira_no_phi", "adamw_control"])
+@pytest.mark.parametrize(
+    "optimizer", ["fira_no_limiter", "fira_no_phi", "adamw_control", *configs.FAMILY]
+)
 def test_variant_trains(corpus, optimizer):
     config = micro(corpus, optimizer=optimizer)
     dataset = input_pipeline.load_dataset(config)
