@@ -20,6 +20,8 @@ from fira_optax._alias import (
 )
 from fira_optax._describe import describe_projection as describe_projection
 from fira_optax._describe import projected_mask as projected_mask
+from fira_optax._frugal import frugal as frugal
+from fira_optax._frugal import scale_by_frugal as scale_by_frugal
 from fira_optax._limiter import LimitNormGrowthState as LimitNormGrowthState
 from fira_optax._limiter import limit_norm_growth as limit_norm_growth
 from fira_optax._node import LowRankUpdate as LowRankUpdate
@@ -27,6 +29,7 @@ from fira_optax._project import ProjectState as ProjectState
 from fira_optax._project import project as project
 from fira_optax._project_back import project_back as project_back
 from fira_optax._residual import norm_scale_residual as norm_scale_residual
+from fira_optax._residual import state_free_residual as state_free_residual
 from fira_optax._shapes import DimensionNumbers as DimensionNumbers
 from fira_optax._sharding import optimizer_state_shardings as optimizer_state_shardings
 from fira_optax._spec import ProjectionSpec as ProjectionSpec
@@ -48,6 +51,7 @@ __all__ = [
     "ScaleByLearningRateState",
     "describe_projection",
     "fira",
+    "frugal",
     "galore",
     "in_subspace",
     "limit_norm_growth",
@@ -57,7 +61,9 @@ __all__ = [
     "project_back",
     "projected_mask",
     "scale_by_fira",
+    "scale_by_frugal",
     "scale_by_galore",
     "scale_by_learning_rate_and_decay",
     "scale_by_low_rank_adam",
+    "state_free_residual",
 ]

@@ -162,6 +162,13 @@ def limit_norm_growth(
                     "norm_scale_residual() before limit_norm_growth() in the chain "
                     "(norm_scale_gradient() for APOLLO)."
                 )
+            if u.residual_sign:
+                raise ValueError(
+                    f"limit_norm_growth: leaf {u.plan.path!r} has a sign residual "
+                    "(state_free_residual(rule='sign')), whose norm is fixed by construction "
+                    "(the ratio times the square root of its non-zero entries): there is no "
+                    "growth to limit. Drop limit_norm_growth() or use rule='sgd'."
+                )
             if memory is None or memory.shape != u.plan.batch_shape:
                 raise ValueError(
                     f"limit_norm_growth: leaf {u.plan.path!r} is projected but the state has "

@@ -16,9 +16,21 @@ def dense_update(u: LowRankUpdate) -> jax.Array:
     With the implicit residual `S = φ ⊙ (G − α·back(R))` and φ constant along the rank axis,
     `φ ⊙ back(R) = back(φ ⊙ R)`, so `α·back(N) + S = α·back(N − φ ⊙ R) + φ ⊙ G`: one
     `m×k×n` matmul plus one elementwise pass over G, and no m×n temporary for `back(R)`.
+    A sign residual (:func:`fira_optax.state_free_residual`, `S = φ ⊙ sign(G −
+    α·back(R))`) takes two matmuls, `back(N)` and `back(R)`, and an m×n temporary.
     """
     if u.residual_scale is None:
         dense = back_matrix(u.scale * u.step_scale * u.direction, u.basis, u.side)
+    elif u.residual_sign:
+        # S = φ ⊙ sign(G − α·back(R)) (state_free_residual, "sign") is not linear in G:
+        # back(R) is built explicitly, one more matmul. A square basis spans the whole
+        # projected side: G − α·back(R) is round-off there, and the state-free step is zero.
+        dense = back_matrix(u.scale * u.step_scale * u.direction, u.basis, u.side)
+        if u.basis.shape[-1] != u.basis.shape[-2]:
+            outside = u.grad.astype(jnp.float32) - u.scale * back_matrix(
+                u.low_rank, u.basis, u.side
+            )
+            dense = dense + (u.step_scale * u.residual_scale) * jnp.sign(outside)
     else:
         phi = u.residual_scale
         low_rank = u.scale * u.step_scale * (u.direction - phi * u.low_rank)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
+from fira_optax._checks import check_real
 from fira_optax._node import check_residual_order, map_nodes
 from fira_optax._shapes import rank_axis
 
@@ -54,5 +56,94 @@ def norm_scale_residual(scaled: bool = True) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         return map_nodes(lambda u: u.replace(residual_scale=phi(u)), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+#: FRUGAL's state-free rules for the residual: signSGD or SGD.
+STATE_FREE_RULES = ("sign", "sgd")
+
+_STATE_FREE_ORDER = (
+    "project → subspace optimizer (scale_by_low_rank_adam / in_subspace) → "
+    "state_free_residual → project_back"
+)
+
+
+def state_free_residual(
+    rule: str = "sign", learning_rate_ratio: jax.typing.ArrayLike = 1.0
+) -> optax.GradientTransformation:
+    r"""FRUGAL's state-free step on the residual, the part of `G` outside the subspace.
+
+    With the residual `E = G − α·back(R)` and `c = learning_rate_ratio`,
+
+    .. math::
+      S = c\,\mathrm{sign}(E)\ \ (\text{rule="sign": signSGD}),\qquad
+      S = c\,E\ \ (\text{rule="sgd": SGD}),
+
+    added to the subspace optimizer's update: the node stands for
+    `step_scale · (α·back(N) + S)`, so once the learning rate has multiplied it an entry
+    outside the subspace moves by `lr·c·sign(E)` (or `lr·c·E`). After
+    `scale_by_low_rank_adam(bias_correction="torch")` (as in :func:`fira_optax.frugal`) the
+    step scale is 1 before the learning rate, and `c` is the ratio of the state-free learning
+    rate to the subspace's (the official `inactive_lr_scale`); after the default HF-style
+    Adam the step scale also carries Adam's bias correction `√(1-β₂ᵗ)/(1-β₁ᵗ)`, and so does
+    `S`. Nothing is stored: `E` is recomputed from `G` at every step.
+
+    **Cost.** "sgd" is Fira's implicit residual with `φ = c`: `project_back` fuses it into its
+    one matmul, nothing more. `sign(E)` is not linear in `G`, so for "sign" `project_back`
+    builds `back(R)` explicitly: one more `m×k×n` matmul and an `m×n` temporary per matrix.
+    When the subspace is the whole projected side (`k = n` for a right projection, `k = m` for
+    a left one) `E` is only round-off, whose sign would be a full `±c` step on every entry;
+    the state-free step is then zero (the official code takes that sign) and costs nothing.
+
+    :func:`fira_optax.limit_norm_growth` refuses a sign residual (its norm is
+    `c·√(non-zero entries)`, fixed by construction: there is no growth to limit); with "sgd"
+    it applies as to Fira's residual. Must follow the subspace optimizer, once, in place of
+    :func:`fira_optax.norm_scale_residual`; elsewhere it raises at trace time, naming the
+    order. Dense (not projected) leaves pass through.
+
+    Args:
+      rule: "sign" (signSGD, FRUGAL's default) or "sgd".
+      learning_rate_ratio: `c ≥ 0`, the state-free learning rate relative to the subspace's
+        (FRUGAL: 1 for pre-training, 0.1 for fine-tuning).
+
+    Returns:
+      A stateless `optax.GradientTransformation`.
+
+    References:
+      Zmushko et al., 2024. FRUGAL: Memory-Efficient Optimization by Reducing State Overhead
+      for Scalable Training. https://arxiv.org/abs/2411.07837
+    """
+    if rule not in STATE_FREE_RULES:
+        raise ValueError(f"Unknown rule {rule!r}; expected one of {STATE_FREE_RULES}.")
+    check_real(
+        "learning_rate_ratio",
+        learning_rate_ratio,
+        low=0.0,
+        low_open=False,
+        what="a finite number >= 0 (the state-free learning rate relative to the subspace's)",
+    )
+
+    def residual(u):
+        if not u.has_direction:
+            raise ValueError(
+                f"state_free_residual: leaf {u.plan.path!r} has no direction yet: put "
+                "state_free_residual() after the subspace optimizer (its step is added to that "
+                f"optimizer's update, at its step scale). Keep the order {_STATE_FREE_ORDER}."
+            )
+        if u.residual_scale is not None:
+            raise ValueError(
+                f"state_free_residual: leaf {u.plan.path!r} already has a residual: use one "
+                "of state_free_residual() and norm_scale_residual(), once. Keep the order "
+                f"{_STATE_FREE_ORDER}."
+            )
+        shape = list(u.low_rank.shape)
+        shape[rank_axis(u.side)] = 1
+        ratio = jnp.full(shape, learning_rate_ratio, jnp.float32)
+        return u.replace(residual_scale=ratio, residual_sign=rule == "sign")
+
+    def update_fn(updates, state, params=None):
+        del params
+        return map_nodes(residual, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

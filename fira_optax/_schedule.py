@@ -96,3 +96,16 @@ def due(steps: jax.Array, gap: int, offset: np.ndarray | None) -> jax.Array:
     if offset is None:
         return steps % gap == 0
     return (steps == 0) | (steps % gap == jnp.asarray(offset, steps.dtype))
+
+
+def basis_age(steps: jax.Array, gap: int, offset: np.ndarray | None) -> jax.Array:
+    """Per matrix, the steps it will have taken with its current basis after this one, this
+    one included (`steps` counts the steps before this one): 1 when it is :func:`due`.
+
+    Official schedule: `s mod T + 1`. Staggered: `s + 1` before the first offset (the basis of
+    the first step), then `(s − o) mod T + 1`.
+    """
+    if offset is None:
+        return steps % gap + 1
+    offset = jnp.asarray(offset, steps.dtype)
+    return jnp.where(steps < offset, steps, (steps - offset) % gap) + 1

@@ -59,22 +59,45 @@ def bias_correction(b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, t: jax.A
     return jnp.sqrt(c2) / c1
 
 
-def _per_matrix_bias_corrections(b1, b2, leaves: list) -> list:
+#: `bias_correction` under another name, for `scale_by_low_rank_adam`, whose argument of that
+#: name hides it.
+adam_correction = bias_correction
+
+
+def root_one_minus_power(b: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
+    """`√(1 − b^t)` (the factor that turns `√v` into the bias-corrected `√v̂`), as above."""
+    return jnp.sqrt(-jnp.expm1(t.astype(jnp.float32) * jnp.log1p(-one_minus(b))))
+
+
+#: Where the subspace Adam puts ε and the bias correction.
+BIAS_CORRECTIONS = ("hf", "torch")
+
+
+def _per_matrix_bias_corrections(b1, b2, leaves: list, counts=None, eps_scales=False) -> list:
     """`bias_correction` at every low-rank node's per-matrix step count (None for the other
     leaves), computed in one vectorized pass over all the matrices of the tree rather than
-    a few scalar kernels per leaf."""
-    steps = [u.step for u in leaves if is_low_rank(u)]
+    a few scalar kernels per leaf.
+
+    `counts(u)` picks the count (default: the node's step); with `eps_scales` each entry is a
+    pair `(bias_correction, √(1 − b2^t))`."""
+    counts = counts or (lambda u: u.step)
+    steps = [counts(u) for u in leaves if is_low_rank(u)]
     if not steps:
         return [None] * len(leaves)
-    flat = jnp.concatenate([jnp.ravel(s) for s in steps])
-    values = bias_correction(b1, b2, jnp.maximum(flat, 1))
+    flat = jnp.maximum(jnp.concatenate([jnp.ravel(s) for s in steps]), 1)
+    values = bias_correction(b1, b2, flat)
+    roots = root_one_minus_power(b2, flat) if eps_scales else None
     out, start = [], 0
     for u in leaves:
         if not is_low_rank(u):
             out.append(None)
             continue
-        size = u.step.size
-        out.append(values[start : start + size].reshape(u.step.shape))
+        shape = counts(u).shape
+        size = counts(u).size
+        value = values[start : start + size].reshape(shape)
+        if eps_scales:
+            value = (value, roots[start : start + size].reshape(shape))
+        out.append(value)
         start += size
     return out
 
@@ -98,6 +121,8 @@ def scale_by_low_rank_adam(
     dimension_numbers: DimensionNumbersSpec = None,
     spec: ProjectionSpec | None = None,
     mu_dtype: Any = None,
+    bias_correction: str = "hf",
+    reset_on_refresh: bool = False,
 ) -> optax.GradientTransformation:
     """Adam with moments in the projected space (HF/PyTorch-AdamW style).
 
@@ -111,6 +136,20 @@ def scale_by_low_rank_adam(
     `√(1-b_2^t)/(1-b_1^t)` is not applied to `N` (which Fira's norm scaling and limiter see) but
     carried as the node's `step_scale`, applied by `project_back` to the whole update. Dense
     leaves (not projected) get the same step with `R = G`, bias correction included.
+
+    With `bias_correction="torch"` (PyTorch's and optax's Adam, and the official FRUGAL code)
+    the direction is bias-corrected and `ε` is added to the bias-corrected root:
+    `N = m̂ / (\\sqrt{v̂} + ε)`, `m̂ = m / (1-b_1^t)`, `v̂ = v / (1-b_2^t)`; the node's step scale
+    is left as it is. The two differ only by `ε` (by `ε·(1 − √(1-b_2^t))` in the
+    denominator), but a state-free residual added by
+    :func:`fira_optax.state_free_residual` is relative to the step scale: with "torch" its
+    learning rate is the subspace's learning rate, not that times Adam's bias correction.
+
+    **Reset at a refresh** (`reset_on_refresh=True`, FRUGAL's `reset_statistics`): on the
+    step `project` refreshes a matrix's basis its moments restart from zero, and its bias
+    correction counts the steps taken with the current basis (the node's `basis_age`)
+    instead of all its steps, so the moments never mix the coordinates of two bases.
+    Dense leaves are not affected.
 
     **Idle matrices.** A projected matrix whose gradient `G` is exactly zero (an expert
     that received no tokens, a layer frozen by zeroing its gradient) is treated as PyTorch
@@ -135,12 +174,21 @@ def scale_by_low_rank_adam(
       dimension_numbers: the `dimension_numbers` given to `project`.
       spec: the shared :class:`fira_optax.ProjectionSpec` (instead of the four above).
       mu_dtype: dtype of the first moment (default float32); `nu` is always float32.
+      bias_correction: "hf" (the default: `ε` added to the raw `√v`, the correction carried
+        as the step scale; Fira, GaLore) or "torch" (`N = m̂ / (√v̂ + ε)`; FRUGAL).
+      reset_on_refresh: restart a matrix's moments and bias correction when its basis is
+        refreshed (FRUGAL); default False: the moments are carried across refreshes.
 
     Returns:
       An `optax.GradientTransformation`.
     """
     spec = make_spec("scale_by_low_rank_adam", spec, rank, proj_type, projected, dimension_numbers)
     mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise ValueError(
+            f"Unknown bias_correction {bias_correction!r}; expected one of {BIAS_CORRECTIONS}."
+        )
+    torch_style = bias_correction == "torch"
 
     def init_fn(params):
         plans = spec.flat_plans(params)
@@ -161,19 +209,24 @@ def scale_by_low_rank_adam(
         b1_ = jnp.asarray(b1, jnp.float32)
         b2_ = jnp.asarray(b2, jnp.float32)
 
-        def moments(g, mu, nu, active=None):
+        def moments(g, mu, nu, active=None, fresh=None, eps_scale=None):
             """Adam's moments and `m / (√v + eps)`. With `active` (per matrix, bool), an
             inactive matrix keeps its moments bit for bit (decay 1, weight 0): the skip is
             folded into per-matrix coefficients, one fused pass over the moments rather than
-            `where`s over them."""
+            `where`s over them. `fresh` (per matrix, bool): the moments restart from zero
+            (a refresh with `reset_on_refresh`). `eps_scale` multiplies `eps` ("torch")."""
             d1, w1, d2, w2 = b1_, one_minus(b1), b2_, one_minus(b2)
             if active is not None:
                 zero = jnp.zeros([], jnp.float32)
                 d1, w1 = jnp.where(active, d1, 1.0), jnp.where(active, w1, zero)
                 d2, w2 = jnp.where(active, d2, 1.0), jnp.where(active, w2, zero)
-            mu = (d1 * mu.astype(jnp.float32) + w1 * g).astype(mu_dtype)
+            mu = mu.astype(jnp.float32)
+            if fresh is not None:  # a select, not a zero decay: also clears a non-finite mu
+                mu, nu = jnp.where(fresh, 0.0, mu), jnp.where(fresh, 0.0, nu)
+            mu = (d1 * mu + w1 * g).astype(mu_dtype)
             nu = d2 * nu + w2 * jnp.square(g)
-            return mu, nu, mu.astype(jnp.float32) / (jnp.sqrt(nu) + eps)
+            denominator_eps = eps if eps_scale is None else eps * eps_scale
+            return mu, nu, mu.astype(jnp.float32) / (jnp.sqrt(nu) + denominator_eps)
 
         def step(path, u, mu, nu, correction):
             check_no_direction("scale_by_low_rank_adam", u)
@@ -186,8 +239,9 @@ def scale_by_low_rank_adam(
                         u.shape,
                         mu.shape,
                     )
-                mu, nu, direction = moments(u.astype(jnp.float32), mu, nu)
-                correction = bias_correction(b1, b2, count_inc)
+                eps_scale = root_one_minus_power(b2, count_inc) if torch_style else None
+                mu, nu, direction = moments(u.astype(jnp.float32), mu, nu, eps_scale=eps_scale)
+                correction = adam_correction(b1, b2, count_inc)
                 return (correction * direction).astype(u.dtype), mu, nu
             r = u.low_rank
             if r.shape != mu.shape:
@@ -196,9 +250,15 @@ def scale_by_low_rank_adam(
                 )
             # An idle matrix (u.active False) keeps its moments and gets no direction.
             active = per_matrix(u.active)
-            mu, nu, direction = moments(r, mu, nu, active)
+            fresh = per_matrix(u.active & (u.basis_age == 1)) if reset_on_refresh else None
+            if torch_style:
+                correction, eps_scale = map(per_matrix, correction)
+            else:
+                correction, eps_scale = per_matrix(correction), None
+            mu, nu, direction = moments(r, mu, nu, active, fresh, eps_scale)
             direction = direction * active.astype(jnp.float32)
-            correction = per_matrix(correction)
+            if torch_style:  # N = m̂ / (√v̂ + ε): the step scale is left as it is
+                return u.replace(direction=direction * correction), mu, nu
             return (
                 u.replace(direction=direction, step_scale=u.step_scale * correction),
                 mu,
@@ -207,7 +267,21 @@ def scale_by_low_rank_adam(
 
         flat_u, treedef = jax.tree.flatten_with_path(updates, is_leaf=is_low_rank)
         flat = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu)]
-        corrections = _per_matrix_bias_corrections(b1, b2, [u for _, u in flat_u])
+        nodes = [u for _, u in flat_u]
+        if reset_on_refresh:
+            for u in nodes:
+                if is_low_rank(u) and u.basis_age is None:
+                    raise ValueError(
+                        f"scale_by_low_rank_adam(reset_on_refresh=True): leaf {u.plan.path!r} "
+                        "carries no basis age; it needs the node built by fo.project()."
+                    )
+        corrections = _per_matrix_bias_corrections(
+            b1,
+            b2,
+            nodes,
+            counts=(lambda u: u.basis_age) if reset_on_refresh else None,
+            eps_scales=torch_style,
+        )
         out = [
             step(p, u, m, v, c) for (p, u), m, v, c in zip(flat_u, *flat, corrections, strict=True)
         ]

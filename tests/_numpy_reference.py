@@ -18,6 +18,19 @@ Independent of ``fira_optax``'s code. Spec, per projected matrix G (m x n), step
 * Non-projected leaves: the same AdamW step with R = G (no projection, no S).
 * Projected leaves may have leading batch axes (..., m, n): every matrix has its own basis,
   moments and limiter memory.
+
+FRUGAL (``run_frugal_reference``; Zmushko et al., arXiv:2411.07837, Algorithm 1 with Adam as
+the state-full and signSGD / SGD as the state-free optimizer), per projected matrix:
+
+* the same k, side, sign-canonical basis and refresh steps t = 1, T+1, ...; back(X) = P X or
+  X P (no alpha). With ``reset_statistics``, at a refresh m = v = 0 and tau = 0; otherwise the
+  moments are carried and tau counts every step. Then tau <- tau + 1.
+* m <- b1 m + (1-b1) R;  v <- b2 v + (1-b2) R^2;
+  N = (m / (1 - b1^tau)) / (sqrt(v / (1 - b2^tau)) + eps)   (eps after bias correction).
+* E = G - back(R); S = c sign(E) ("sign"), c E ("sgd") or 0 (None); S = 0 for "sign" when k
+  is the whole projected side (k = n right, k = m left: E is zero).
+* W <- W - lr_t wd W - lr_t (back(N) + S)   (decay of the weights before the step).
+* Non-projected leaves: W <- W - lr_t wd W - lr_t m_hat / (sqrt(v_hat) + eps) with tau = t.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["canonical_basis", "projection_side", "run_reference"]
+__all__ = ["canonical_basis", "projection_side", "run_frugal_reference", "run_reference"]
 
 
 def projection_side(m: int, n: int, proj_type: str) -> str:
@@ -176,5 +189,97 @@ def run_reference(
                 W[name] = W[name] - lr * weight_decay * W[name]
         if trace is not None and kind == "fira":
             trace.append(step_trace)
+        history.append({name: w.copy() for name, w in W.items()})
+    return history
+
+
+def run_frugal_reference(
+    w0: Mapping[str, np.ndarray],
+    grads: Sequence[Mapping[str, np.ndarray]],
+    lrs: Sequence[float],
+    *,
+    rank: int,
+    update_proj_gap: int,
+    proj_type: str = "std",
+    state_free: str | None = "sign",
+    ratio: float = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    reset_statistics: bool = True,
+    projected: Iterable[str] = (),
+    svd_dtype=np.float64,
+    trace: list | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Run the FRUGAL reference (see the module docstring); float64 weights after every step.
+
+    If ``trace`` is a list, one dict per step is appended mapping each projected name to the
+    smallest ``|E|`` of its matrices divided by the largest ``|G|`` (how close a sign of the
+    residual came to flipping).
+    """
+    if state_free not in ("sign", "sgd", None):
+        raise ValueError(state_free)
+    if len(grads) != len(lrs):
+        raise ValueError("len(grads) != len(lrs)")
+    b1, b2 = betas
+    projected = set(projected)
+    W = {name: np.array(w, dtype=np.float64) for name, w in w0.items()}
+    mats: dict[str, list[_MatrixState]] = {}
+    plain: dict[str, list] = {}
+    for name, w in W.items():
+        if name in projected:
+            mdim, ndim = w.shape[-2:]
+            count = int(np.prod(w.shape[:-2], dtype=np.int64))
+            mats[name] = [_MatrixState(mdim, ndim, rank, proj_type) for _ in range(count)]
+            for st in mats[name]:
+                st.tau = 0
+        else:
+            plain[name] = [np.zeros_like(w), np.zeros_like(w)]
+
+    def adam(m, v, tau):
+        return (m / (1 - b1**tau)) / (np.sqrt(v / (1 - b2**tau)) + eps)
+
+    history = []
+    for t0, (g_all, lr) in enumerate(zip(grads, lrs, strict=True)):
+        t = t0 + 1
+        lr = float(lr)
+        refresh = (t - 1) % update_proj_gap == 0
+        closest = {}
+        for name in W:
+            G_leaf = np.asarray(g_all[name], dtype=np.float64)
+            if name in plain:
+                m, v = plain[name]
+                m[...] = b1 * m + (1 - b1) * G_leaf
+                v[...] = b2 * v + (1 - b2) * G_leaf**2
+                update = adam(m, v, t)
+            else:
+                mdim, ndim = G_leaf.shape[-2:]
+                Gs = G_leaf.reshape(-1, mdim, ndim)
+                upd = np.empty_like(Gs)
+                near = []
+                for i, (G, st) in enumerate(zip(Gs, mats[name], strict=True)):
+                    if refresh:
+                        st.P = canonical_basis(G, st.k, st.side, svd_dtype)
+                        if reset_statistics:
+                            st.m, st.v, st.tau = np.zeros_like(st.m), np.zeros_like(st.v), 0
+                    st.tau += 1
+                    R = st.project(G)
+                    st.m = b1 * st.m + (1 - b1) * R
+                    st.v = b2 * st.v + (1 - b2) * R**2
+                    u = st.back(adam(st.m, st.v, st.tau), 1.0)
+                    E = G - st.back(R, 1.0)
+                    whole = st.k == (ndim if st.side == "right" else mdim)
+                    if state_free == "sign" and not whole:
+                        u = u + ratio * np.sign(E)
+                        near.append(np.abs(E).min() / np.abs(G).max())
+                    elif state_free == "sgd":
+                        u = u + ratio * E
+                    upd[i] = u
+                update = upd.reshape(G_leaf.shape)
+                if near:
+                    closest[name] = min(near)
+            W[name] = W[name] - lr * weight_decay * W[name] - lr * update
+        if trace is not None:
+            trace.append(closest)
         history.append({name: w.copy() for name, w in W.items()})
     return history

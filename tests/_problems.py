@@ -62,5 +62,6 @@ OPTIMIZERS = {
     "fira_randomized": lambda: fo.fira(3e-2, rank=4, update_proj_gap=5, refresh="randomized"),
     "galore": lambda: fo.galore(3e-2, rank=4, update_proj_gap=5, scale=0.25),
     "golore": lambda: fo.golore(3e-2, rank=4, update_proj_gap=5, svd_steps=5, scale=0.25),
+    "frugal": lambda: fo.frugal(3e-2, rank=4, update_proj_gap=5, weight_decay=0.1),
     "blocks": lambda: optax.chain(block_chain(4, 5, 0.25), optax.scale(-3e-2)),
 }
