@@ -16,10 +16,13 @@ def dense_update(u: LowRankUpdate) -> jax.Array:
     With the implicit residual `S = φ ⊙ (G − α·back(R))` and φ constant along the rank axis,
     `φ ⊙ back(R) = back(φ ⊙ R)`, so `α·back(N) + S = α·back(N − φ ⊙ R) + φ ⊙ G`: one
     `m×k×n` matmul plus one elementwise pass over G, and no m×n temporary for `back(R)`.
-    A sign residual (:func:`fira_optax.state_free_residual`, `S = φ ⊙ sign(G −
+    After :func:`fira_optax.norm_scale_gradient` (α = 0) it is `step_scale · φ ⊙ G`: no
+    matmul. A sign residual (:func:`fira_optax.state_free_residual`, `S = φ ⊙ sign(G −
     α·back(R))`) takes two matmuls, `back(N)` and `back(R)`, and an m×n temporary.
     """
-    if u.residual_scale is None:
+    if not u.back_projected:
+        dense = (u.step_scale * u.residual_scale) * u.grad.astype(jnp.float32)
+    elif u.residual_scale is None:
         dense = back_matrix(u.scale * u.step_scale * u.direction, u.basis, u.side)
     elif u.residual_sign:
         # S = φ ⊙ sign(G − α·back(R)) (state_free_residual, "sign") is not linear in G:
@@ -46,7 +49,8 @@ def dense_update(u: LowRankUpdate) -> jax.Array:
 def project_back() -> optax.GradientTransformation:
     """Ends the projected part of a chain: every :class:`LowRankUpdate` becomes a dense update.
 
-    The output for a projected leaf is `c_t·(α·back(N) + S)` (GaLore: `c_t·α·back(N)`), and
+    The output for a projected leaf is `c_t·(α·back(N) + S)` (GaLore: `c_t·α·back(N)`;
+    APOLLO, after :func:`fira_optax.norm_scale_gradient`: `c_t·φ ⊙ G`), and
     exactly zero for an idle matrix (its gradient is exactly zero), `c_t`
     the node's step scale (the bias correction set by
     :func:`fira_optax.scale_by_low_rank_adam`, times any scalar a transform in between

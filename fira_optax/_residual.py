@@ -1,4 +1,9 @@
-"""Fira's norm-based scaling of the residual (the part of G outside the subspace)."""
+"""Norm-based scaling: Fira's residual (the part of G outside the subspace), APOLLO's gradient.
+
+Both compare the subspace optimizer's direction `N` with the low-rank gradient `R`,
+`φ = ‖N‖ / (‖R‖ + 1e-8)`, and apply that ratio to a full-size matrix: Fira to the residual
+`G − α·back(R)` (added to `α·back(N)`), APOLLO to the raw gradient `G` (alone).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import optax
 from fira_optax._checks import check_real
 from fira_optax._node import check_residual_order, map_nodes
 from fira_optax._shapes import rank_axis
+
+#: APOLLO's scale types: one φ per channel (row or column of G), or one per matrix.
+SCALE_TYPES = ("channel", "tensor")
 
 #: Added to ‖R‖ in φ = ‖N‖ / (‖R‖ + NORM_EPS), as in the official code.
 NORM_EPS = 1e-8
@@ -56,6 +64,85 @@ def norm_scale_residual(scaled: bool = True) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         return map_nodes(lambda u: u.replace(residual_scale=phi(u)), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def tensor_scale(direction: jnp.ndarray, low_rank: jnp.ndarray) -> jnp.ndarray:
+    """`φ = ‖N‖_F / (‖R‖_F + 1e-8)`, one per matrix, shaped `(..., 1, 1)`."""
+    norm_n = jnp.linalg.norm(direction, axis=(-2, -1), keepdims=True)
+    norm_r = jnp.linalg.norm(low_rank, axis=(-2, -1), keepdims=True)
+    return norm_n / (norm_r + NORM_EPS)
+
+
+def norm_scale_gradient(
+    scale_type: str = "channel",
+    *,
+    scale: jax.typing.ArrayLike = 1.0,
+    scale_front: bool = False,
+) -> optax.GradientTransformation:
+    r"""APOLLO's update: the raw gradient, scaled like the low-rank direction.
+
+    With the direction `N` of the subspace optimizer and the low-rank gradient `R`,
+
+    .. math::
+      S = φ \odot G,\qquad φ = \frac{\lVert N \rVert}{\lVert R \rVert + 10^{-8}}
+
+    per channel (`scale_type="channel"`: reduced over R's rank axis, one factor per column
+    of G for a left projection, per row for a right one: APOLLO — the official code's axis
+    wherever its projection side is the "std" one, see :func:`fira_optax.apollo`) or per
+    matrix (`"tensor"`: Frobenius norms, one factor per matrix: APOLLO-Mini). This is Fira's
+    residual path with α = 0 — `α·back(N) + φ ⊙ (G − α·back(R)) = φ ⊙ G` — so the block sets
+    the node's α to 0 and marks it (`back_projected=False`): `project_back` and the limiter
+    then never multiply by the basis (one elementwise pass over G). The basis only serves to
+    estimate φ, which is why a random one (`project(refresh="random")`) does.
+
+    APOLLO's `scale` multiplies the update by `√scale`: with `scale_front` before
+    :func:`fira_optax.limit_norm_growth` (the limiter sees `√scale · φ ⊙ G`), else after it
+    (in the node's step scale: the limiter sees `φ ⊙ G`). The two differ only through the
+    limiter's 1e-8.
+
+    Must follow the subspace optimizer, once, in place of
+    :func:`fira_optax.norm_scale_residual`; elsewhere it raises at trace time, naming the
+    order. Dense (not projected) leaves pass through, unscaled.
+
+    Args:
+      scale_type: "channel" (APOLLO) or "tensor" (APOLLO-Mini).
+      scale: APOLLO's scale (> 0); the update is multiplied by `√scale`.
+      scale_front: apply `√scale` before the limiter (APOLLO's `scale_front`).
+
+    Returns:
+      A stateless `optax.GradientTransformation`.
+
+    References:
+      Zhu et al., 2024. APOLLO: SGD-like Memory, AdamW-level Performance.
+      https://arxiv.org/abs/2412.05270
+    """
+    if scale_type not in SCALE_TYPES:
+        raise ValueError(f"Unknown scale_type {scale_type!r}; expected one of {SCALE_TYPES}.")
+    check_real("scale", scale, low=0.0, low_open=True, what="a finite number > 0")
+
+    def scaled(u):
+        check_residual_order("norm_scale_gradient", u)
+        if scale_type == "channel":
+            phi = residual_scale(u.direction, u.low_rank, u.side)
+        else:
+            phi = tensor_scale(u.direction, u.low_rank)
+        root = jnp.sqrt(jnp.asarray(scale, jnp.float32))
+        if scale_front:
+            phi, step_scale = root * phi, u.step_scale
+        else:
+            step_scale = u.step_scale * root
+        return u.replace(
+            residual_scale=phi,
+            step_scale=step_scale,
+            scale=jnp.zeros([], jnp.float32),
+            back_projected=False,
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        return map_nodes(scaled, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 

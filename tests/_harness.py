@@ -145,11 +145,17 @@ def run_ours(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    gamma: float = 1.01,
+    gamma: float | None = 1.01,
     projected=(),
     return_states: bool = False,
+    **options,
 ):
-    """Run fira_optax (float32, one jit per call); return weights after each step."""
+    """Run fira_optax (float32, one jit per call); return weights after each step.
+
+    ``kind`` is "fira", "galore", "apollo" or "apollo_mini" (``rank`` must then be 1);
+    ``options`` go to ``fo.apollo`` / ``fo.apollo_mini`` (e.g. ``scale_type``,
+    ``scale_front``, ``refresh``; ``gamma=None`` turns their limiter off).
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -172,8 +178,14 @@ def run_ours(
         tx = fo.fira(learning_rate, rank, gamma=gamma, **kwargs)
     elif kind == "galore":
         tx = fo.galore(learning_rate, rank, **kwargs)
+    elif kind == "apollo":
+        tx = fo.apollo(learning_rate, rank, gamma=gamma, **kwargs, **options)
+    elif kind == "apollo_mini" and rank == 1:
+        tx = fo.apollo_mini(learning_rate, gamma=gamma, **kwargs, **options)
     else:
-        raise ValueError(kind)
+        raise ValueError(f"kind {kind!r} (rank {rank})")
+    if options and not kind.startswith("apollo"):
+        raise ValueError(f"options {sorted(options)} are for fo.apollo / fo.apollo_mini")
 
     def step(params, state, g):
         updates, state = tx.update(g, state, params)

@@ -1,12 +1,16 @@
-"""Run the official PyTorch Fira / GaLore AdamW on given gradient sequences.
+"""Run the official PyTorch Fira / GaLore / APOLLO AdamW on given gradient sequences.
 
-The official packages (``fira==1.0.2``, ``galore-torch==1.0``) are installed with ``--no-deps``.
-They import two modules they never use on the code paths exercised here:
+The official packages (``fira==1.0.2``, ``galore-torch==1.0``, ``apollo-torch==1.0.3``) are
+installed with ``--no-deps``. They import modules they never use on the code paths exercised
+here:
 
 * ``transformers.utils.versions.require_version`` (a version assertion) -- stubbed as a no-op;
 * ``bitsandbytes.optim.optimizer.Optimizer2State`` (imported at module level by
-  ``galore_torch/adamw8bit.py`` through ``galore_torch/__init__.py``) -- stubbed as an empty
-  ``torch.optim.Optimizer`` subclass.
+  ``galore_torch/adamw8bit.py`` through ``galore_torch/__init__.py``, and by
+  ``apollo_torch/adamw8bit.py`` and ``q_apollo.py``) -- stubbed as an empty
+  ``torch.optim.Optimizer`` subclass;
+* ``bitsandbytes.functional`` (imported by ``apollo_torch/q_apollo.py``, the quantized variant)
+  -- stubbed as an empty module.
 
 Stubs are installed into ``sys.modules`` only when the real package cannot be imported.
 
@@ -42,6 +46,8 @@ __all__ = [
     "install_stubs",
     "jax_svd",
     "make_official_optimizer",
+    "projection_recorder",
+    "replay_refresh",
     "run_official",
     "sign_canonical_svd",
 ]
@@ -86,11 +92,13 @@ def install_stubs() -> None:
 
         optimizer = _new_module("bitsandbytes.optim.optimizer", Optimizer2State=Optimizer2State)
         optim = _new_module("bitsandbytes.optim", optimizer=optimizer, __path__=[])
-        _new_module("bitsandbytes", optim=optim, __path__=[])
+        functional = _new_module("bitsandbytes.functional")  # q_apollo's; never called
+        _new_module("bitsandbytes", optim=optim, functional=functional, __path__=[])
 
 
 install_stubs()
 
+from apollo_torch import APOLLOAdamW  # noqa: E402
 from fira import FiraAdamW  # noqa: E402
 from galore_torch import GaLoreAdamW  # noqa: E402
 
@@ -194,18 +202,32 @@ def make_official_optimizer(
     weight_decay: float = 0.0,
     projected: Iterable[str] = (),
     lr: float = 1e-3,
+    proj: str = "random",
+    scale_type: str = "channel",
+    scale_front: bool = False,
+    disable_nl: bool = False,
 ) -> torch.optim.Optimizer:
-    """Build the official optimizer with a plain group and a low-rank (``rank``) group."""
+    """Build the official optimizer with a plain group and a low-rank (``rank``) group.
+
+    ``kind`` is "fira", "galore" or "apollo". APOLLO only: ``proj`` ("random" or "svd") and
+    ``scale_type`` ("channel" or "tensor") go into the low-rank group, ``scale_front`` and
+    ``disable_nl`` (no norm-growth limiter) to the constructor.
+    """
     projected = set(projected)
     unknown = projected - set(params)
     if unknown:
         raise KeyError(f"projected names not in params: {sorted(unknown)}")
+    extra_group, extra_kwargs = {}, {}
     if kind == "fira":
         cls, scale_key = FiraAdamW, "alpha"
     elif kind == "galore":
         cls, scale_key = GaLoreAdamW, "scale"
+    elif kind == "apollo":
+        cls, scale_key = APOLLOAdamW, "scale"
+        extra_group = {"proj": proj, "scale_type": scale_type}
+        extra_kwargs = {"scale_front": scale_front, "disable_nl": disable_nl}
     else:
-        raise ValueError(f"kind must be 'fira' or 'galore', got {kind!r}")
+        raise ValueError(f"kind must be 'fira', 'galore' or 'apollo', got {kind!r}")
     plain = [p for name, p in params.items() if name not in projected]
     lowrank = [p for name, p in params.items() if name in projected]
     groups = []
@@ -219,6 +241,7 @@ def make_official_optimizer(
                 "update_proj_gap": update_proj_gap,
                 scale_key: scale,
                 "proj_type": proj_type,
+                **extra_group,
             }
         )
     return cls(
@@ -229,6 +252,7 @@ def make_official_optimizer(
         weight_decay=weight_decay,
         correct_bias=True,
         no_deprecation_warning=True,
+        **extra_kwargs,
     )
 
 
@@ -251,6 +275,7 @@ def run_official(
     svd: str = "torch",
     on_step: Callable[[int, torch.optim.Optimizer, dict[str, torch.nn.Parameter]], None]
     | None = None,
+    **apollo_options,
 ) -> list[dict[str, np.ndarray]]:
     """Run the official ``kind`` optimizer; return the weights after each step.
 
@@ -263,6 +288,8 @@ def run_official(
     ``dtype`` is the parameter/gradient dtype; ``svd_dtype`` see :func:`sign_canonical_svd`
     (``dtype=torch.float64, svd_dtype=torch.float64`` gives an all-float64 official run).
     ``svd="jax"`` gives the official code fira_optax's own bases (see :func:`jax_svd`).
+    ``apollo_options`` (``kind="apollo"``): ``proj``, ``scale_type``, ``scale_front``,
+    ``disable_nl``; see :func:`make_official_optimizer`.
     """
     if len(grads) != len(lrs):
         raise ValueError(f"{len(grads)} gradients but {len(lrs)} learning rates")
@@ -281,6 +308,7 @@ def run_official(
         weight_decay=weight_decay,
         projected=projected,
         lr=float(lrs[0]) if len(lrs) else 1e-3,
+        **apollo_options,
     )
     history: list[dict[str, np.ndarray]] = []
     threads = torch.get_num_threads()
@@ -305,3 +333,46 @@ def run_official(
     finally:
         torch.set_num_threads(threads)
     return history
+
+
+# --------------------------------------------------------------------------------------
+# Replaying the official projections in fira_optax
+# --------------------------------------------------------------------------------------
+def projection_recorder(
+    names: Iterable[str], update_proj_gap: int
+) -> tuple[Callable, dict[str, list[np.ndarray]]]:
+    """An ``on_step`` for :func:`run_official` (APOLLO) that records every projection matrix.
+
+    Returns ``(on_step, tables)``; after the run ``tables[name][j]`` is the official
+    projector's ``ortho_matrix`` (left ``m×rank`` or right ``rank×n``, as fira_optax's basis)
+    of its ``j``-th refresh, made at the parameter's step ``j·T + 1`` and used until ``(j+1)·T``.
+    """
+    tables: dict[str, list[np.ndarray]] = {name: [] for name in names}
+
+    def on_step(t, opt, params):  # noqa: ARG001
+        for name, table in tables.items():
+            state = opt.state[params[name]]
+            step = state.get("step", 0)  # the parameter's steps so far (idle steps: none)
+            if step and len(table) == (step - 1) // update_proj_gap:  # a refresh step
+                table.append(state["projector"].ortho_matrix.detach().numpy().copy())
+
+    return on_step, tables
+
+
+def replay_refresh(tables: Mapping[str, Sequence[np.ndarray]], update_proj_gap: int):
+    """A fira_optax ``refresh=`` callable that returns the recorded official projections.
+
+    Called per matrix with its step count before this step; on the official schedule its
+    refresh number is ``step // update_proj_gap``, the row of the leaf's table.
+    """
+    import jax.numpy as jnp
+
+    stacked = {name: jnp.asarray(np.stack(table)) for name, table in tables.items()}
+
+    def refresh(grad_mxn, basis, key, *, k, side, path, step):  # noqa: ARG001
+        table = stacked[path]
+        if table.shape[1:] != basis.shape:
+            raise ValueError(f"{path}: recorded {table.shape[1:]}, basis {basis.shape}")
+        return table[jnp.minimum(step // update_proj_gap, table.shape[0] - 1)]
+
+    return refresh

@@ -64,4 +64,6 @@ OPTIMIZERS = {
     "golore": lambda: fo.golore(3e-2, rank=4, update_proj_gap=5, svd_steps=5, scale=0.25),
     "frugal": lambda: fo.frugal(3e-2, rank=4, update_proj_gap=5, weight_decay=0.1),
     "blocks": lambda: optax.chain(block_chain(4, 5, 0.25), optax.scale(-3e-2)),
+    "apollo": lambda: fo.apollo(3e-2, rank=4, update_proj_gap=5, weight_decay=0.1),
+    "apollo_mini": lambda: fo.apollo_mini(3e-2, update_proj_gap=5, scale_front=True),
 }
