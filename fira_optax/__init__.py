@@ -15,8 +15,10 @@ rule) and `_node` (the guarded update node) at the bottom; `_spec` (the shared
 from fira_optax._alias import ScaleByLearningRateState as ScaleByLearningRateState
 from fira_optax._alias import fira as fira
 from fira_optax._alias import galore as galore
+from fira_optax._alias import golore as golore
 from fira_optax._alias import scale_by_fira as scale_by_fira
 from fira_optax._alias import scale_by_galore as scale_by_galore
+from fira_optax._alias import scale_by_golore as scale_by_golore
 from fira_optax._alias import (
     scale_by_learning_rate_and_decay as scale_by_learning_rate_and_decay,
 )
@@ -61,6 +63,7 @@ __all__ = [
     "fira",
     "frugal",
     "galore",
+    "golore",
     "in_subspace",
     "limit_norm_growth",
     "norm_scale_gradient",
@@ -73,6 +76,7 @@ __all__ = [
     "scale_by_fira",
     "scale_by_frugal",
     "scale_by_galore",
+    "scale_by_golore",
     "scale_by_learning_rate_and_decay",
     "scale_by_low_rank_adam",
     "state_free_residual",

@@ -405,7 +405,7 @@ def scale_by_golore(
     """GoLore's direction (no learning rate): see :func:`golore`.
 
     The chain `project(refresh=<SVD, then random>) → scale_by_low_rank_adam(
-    transport_on_refresh=True) → project_back` with one :class:`ProjectionSpec`.
+    on_refresh="transport") → project_back` with one :class:`ProjectionSpec`.
     """
     svd_steps = as_int("svd_steps", svd_steps, low=0, high=MAX_GAP)
     check_refresh(refresh)
@@ -424,9 +424,7 @@ def scale_by_golore(
             refresh_schedule=refresh_schedule,
             seed=seed,
         ),
-        scale_by_low_rank_adam(
-            b1, b2, eps, spec=spec, mu_dtype=mu_dtype, transport_on_refresh=True
-        ),
+        scale_by_low_rank_adam(b1, b2, eps, spec=spec, mu_dtype=mu_dtype, on_refresh="transport"),
         project_back(),
     )
 

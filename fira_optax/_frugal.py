@@ -1,7 +1,7 @@
 """FRUGAL: a state-full subspace (Adam on `R`) plus a state-free step on the rest of `G`.
 
 `scale_by_frugal` and `frugal` are chains of the blocks: `project` →
-`scale_by_low_rank_adam(bias_correction="torch", reset_on_refresh=...)` →
+`scale_by_low_rank_adam(bias_correction="torch", on_refresh="reset"|"keep")` →
 `state_free_residual` → `project_back`, then the learning rate and PyTorch-style weight decay.
 """
 
@@ -45,7 +45,7 @@ def scale_by_frugal(
     """FRUGAL's direction (no learning rate, no weight decay): see :func:`frugal`.
 
     Equal to the building-block chain
-    `project → scale_by_low_rank_adam(bias_correction="torch", reset_on_refresh=...) →
+    `project → scale_by_low_rank_adam(bias_correction="torch", on_refresh="reset"|"keep") →
     state_free_residual → project_back` with one :class:`ProjectionSpec` shared by the
     stateful blocks (`state_free=None`: no `state_free_residual`).
     """
@@ -74,7 +74,7 @@ def scale_by_frugal(
             spec=spec,
             mu_dtype=mu_dtype,
             bias_correction="torch",
-            reset_on_refresh=reset_statistics,
+            on_refresh="reset" if reset_statistics else "keep",
         ),
         *residual,
         project_back(),

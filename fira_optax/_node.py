@@ -83,6 +83,9 @@ class LowRankUpdate(metaclass=_NodeType):
 
     Attributes:
       basis: `P`, float32, `(..., m, k)` (left) or `(..., k, n)` (right).
+      previous_basis: the basis before this step's refresh (the same array when no matrix
+        of the leaf was refreshed), for subspace optimizers that carry their state into the
+        new basis.
       grad: the full gradient `G` in matrix view `(..., m, n)`, in the param's dtype.
       low_rank: `R`, the projected gradient, float32, `(..., k, n)` or `(..., m, k)`.
       direction: the low-rank direction `N` (`R` until a subspace optimizer sets it).
@@ -109,10 +112,11 @@ class LowRankUpdate(metaclass=_NodeType):
       basis_age: per matrix `(...)`, int32: the steps this matrix has taken with its current
         basis, this one included (1 on the step `project` refreshed it); set by `project`.
         A subspace optimizer that resets its state at a refresh
-        (`scale_by_low_rank_adam(reset_on_refresh=True)`) reads it.
+        (`scale_by_low_rank_adam(on_refresh="reset")`) reads it.
     """
 
     basis: jax.Array
+    previous_basis: jax.Array
     grad: jax.Array
     low_rank: jax.Array
     direction: jax.Array

@@ -219,12 +219,13 @@ def project(
                     "spec)."
                 )
 
+        old_bases = bases
         if mesh is not None:  # one divided refresh of every projected matrix
             bases = _divided(grads, plans, bases, all_steps, offsets, key)
 
         new_updates, new_bases, new_steps = [], [], []
-        for grad, plan, basis, steps, offset in zip(
-            grads, plans, bases, all_steps, offsets, strict=True
+        for grad, plan, basis, old_basis, steps, offset in zip(
+            grads, plans, bases, old_bases, all_steps, offsets, strict=True
         ):
             if plan is None:
                 new_updates.append(grad)
@@ -260,6 +261,7 @@ def project(
             new_updates.append(
                 LowRankUpdate(
                     basis=basis,
+                    previous_basis=old_basis,
                     grad=grad_mxn,
                     low_rank=low_rank,
                     direction=low_rank,

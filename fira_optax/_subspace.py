@@ -69,6 +69,9 @@ def root_one_minus_power(b: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
     return jnp.sqrt(-jnp.expm1(t.astype(jnp.float32) * jnp.log1p(-one_minus(b))))
 
 
+#: What a basis refresh does to the subspace Adam's moments.
+ON_REFRESH = ("keep", "reset", "transport")
+
 #: Where the subspace Adam puts ε and the bias correction.
 BIAS_CORRECTIONS = ("hf", "torch")
 
@@ -102,6 +105,22 @@ def _per_matrix_bias_corrections(b1, b2, leaves: list, counts=None, eps_scales=F
     return out
 
 
+def transported(mu: jax.Array, u: Any) -> jax.Array:
+    """The first moment carried into the node's new basis, for the matrices refreshed on
+    this step: `P_newᵀ P_old m` (left side, `m` is k×n) or `m P_old P_newᵀ` (right, m×k).
+    A matrix whose basis did not change (or had none: its moment is still zero) keeps it."""
+    old, new = u.previous_basis, u.basis
+    mu32 = mu.astype(jnp.float32)
+    if u.side == "left":  # bases (m, k)
+        change_kxk = jnp.swapaxes(new, -1, -2) @ old
+        moved = change_kxk @ mu32
+    else:  # bases (k, n)
+        change_kxk = old @ jnp.swapaxes(new, -1, -2)
+        moved = mu32 @ change_kxk
+    refreshed = jnp.any(new != old, axis=(-2, -1))
+    return jnp.where(per_matrix(refreshed), moved, mu32).astype(mu.dtype)
+
+
 def _mismatch(block: str, path: str, kind: str, got: tuple, want: tuple) -> ValueError:
     return ValueError(
         f"{block}: leaf {path!r} receives a {kind} of shape {got} but its state has shape "
@@ -122,7 +141,7 @@ def scale_by_low_rank_adam(
     spec: ProjectionSpec | None = None,
     mu_dtype: Any = None,
     bias_correction: str = "hf",
-    reset_on_refresh: bool = False,
+    on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
     """Adam with moments in the projected space (HF/PyTorch-AdamW style).
 
@@ -145,10 +164,15 @@ def scale_by_low_rank_adam(
     :func:`fira_optax.state_free_residual` is relative to the step scale: with "torch" its
     learning rate is the subspace's learning rate, not that times Adam's bias correction.
 
-    **Reset at a refresh** (`reset_on_refresh=True`, FRUGAL's `reset_statistics`): on the
-    step `project` refreshes a matrix's basis its moments restart from zero, and its bias
-    correction counts the steps taken with the current basis (the node's `basis_age`)
-    instead of all its steps, so the moments never mix the coordinates of two bases.
+    **At a refresh** (`on_refresh`), on the step `project` refreshes a matrix's basis:
+
+    - `"keep"` (Fira, GaLore): the moments stay as they are, in the old basis' coordinates;
+    - `"reset"` (FRUGAL's `reset_statistics`): the moments restart from zero, and the bias
+      correction counts the steps taken with the current basis (the node's `basis_age`)
+      instead of all its steps, so the moments never mix the coordinates of two bases;
+    - `"transport"` (GoLore): the first moment is carried into the new basis,
+      `m ← P_newᵀ P_old m` (left side) or `m ← m P_old P_newᵀ` (right side); `v` is kept.
+
     Dense leaves are not affected.
 
     **Idle matrices.** A projected matrix whose gradient `G` is exactly zero (an expert
@@ -176,8 +200,8 @@ def scale_by_low_rank_adam(
       mu_dtype: dtype of the first moment (default float32); `nu` is always float32.
       bias_correction: "hf" (the default: `ε` added to the raw `√v`, the correction carried
         as the step scale; Fira, GaLore) or "torch" (`N = m̂ / (√v̂ + ε)`; FRUGAL).
-      reset_on_refresh: restart a matrix's moments and bias correction when its basis is
-        refreshed (FRUGAL); default False: the moments are carried across refreshes.
+      on_refresh: what a refresh does to a matrix's moments: "keep" (the default; Fira,
+        GaLore), "reset" (FRUGAL) or "transport" (GoLore); see above.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -189,6 +213,9 @@ def scale_by_low_rank_adam(
             f"Unknown bias_correction {bias_correction!r}; expected one of {BIAS_CORRECTIONS}."
         )
     torch_style = bias_correction == "torch"
+    if on_refresh not in ON_REFRESH:
+        raise ValueError(f"Unknown on_refresh {on_refresh!r}; expected one of {ON_REFRESH}.")
+    reset_on_refresh = on_refresh == "reset"
 
     def init_fn(params):
         plans = spec.flat_plans(params)
@@ -214,7 +241,7 @@ def scale_by_low_rank_adam(
             inactive matrix keeps its moments bit for bit (decay 1, weight 0): the skip is
             folded into per-matrix coefficients, one fused pass over the moments rather than
             `where`s over them. `fresh` (per matrix, bool): the moments restart from zero
-            (a refresh with `reset_on_refresh`). `eps_scale` multiplies `eps` ("torch")."""
+            (a refresh with `on_refresh="reset"`). `eps_scale` multiplies `eps` ("torch")."""
             d1, w1, d2, w2 = b1_, one_minus(b1), b2_, one_minus(b2)
             if active is not None:
                 zero = jnp.zeros([], jnp.float32)
@@ -255,6 +282,8 @@ def scale_by_low_rank_adam(
                 correction, eps_scale = map(per_matrix, correction)
             else:
                 correction, eps_scale = per_matrix(correction), None
+            if on_refresh == "transport":
+                mu = transported(mu, u)
             mu, nu, direction = moments(r, mu, nu, active, fresh, eps_scale)
             direction = direction * active.astype(jnp.float32)
             if torch_style:  # N = m̂ / (√v̂ + ε): the step scale is left as it is
@@ -272,7 +301,7 @@ def scale_by_low_rank_adam(
             for u in nodes:
                 if is_low_rank(u) and u.basis_age is None:
                     raise ValueError(
-                        f"scale_by_low_rank_adam(reset_on_refresh=True): leaf {u.plan.path!r} "
+                        f"scale_by_low_rank_adam(on_refresh='reset'): leaf {u.plan.path!r} "
                         "carries no basis age; it needs the node built by fo.project()."
                     )
         corrections = _per_matrix_bias_corrections(

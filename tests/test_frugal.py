@@ -579,9 +579,7 @@ def test_blocks_equal_the_alias():
     spec = fo.ProjectionSpec(4)
     blocks = optax.chain(
         fo.project(spec=spec, update_proj_gap=3),
-        fo.scale_by_low_rank_adam(
-            eps=1e-8, spec=spec, bias_correction="torch", reset_on_refresh=True
-        ),
+        fo.scale_by_low_rank_adam(eps=1e-8, spec=spec, bias_correction="torch", on_refresh="reset"),
         fo.state_free_residual("sign", 0.5),
         fo.project_back(),
         optax.scale(-LR),
