@@ -180,6 +180,15 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
         "fira_randomized": fo.fira(
             1e-2, RANK, update_proj_gap=GAP, scale=0.25, refresh="randomized"
         ),
+        "apollo": fo.apollo(1e-2, RANK, update_proj_gap=GAP, weight_decay=0.1),
+        "golore": fo.golore(1e-2, RANK, update_proj_gap=GAP, svd_steps=GAP, scale=0.25),
+        # "sgd": sign descent flips the sign of near-zero residual entries under another
+        # rounding order, a discontinuity no tolerance bounds. No reset: the first step after
+        # a reset is Adam's ill-conditioned first step again (N ≈ R / |R|), which the checks
+        # bound only at step 1.
+        "frugal": fo.frugal(
+            1e-2, RANK, update_proj_gap=GAP, state_free="sgd", reset_statistics=False
+        ),
     }
 
 

@@ -61,6 +61,8 @@ OPTIMIZERS = {
     "galore": lambda: fo.galore(1e-2, RANK, update_proj_gap=GAP),
     "golore": lambda: fo.golore(1e-2, RANK, update_proj_gap=GAP, svd_steps=GAP),
     "frugal": lambda: fo.frugal(1e-2, RANK, update_proj_gap=GAP, weight_decay=0.1),
+    "apollo": lambda: fo.apollo(1e-2, RANK, update_proj_gap=GAP, weight_decay=0.1),
+    "apollo_mini": lambda: fo.apollo_mini(1e-2, update_proj_gap=GAP),
     "fira_randomized": lambda: fo.fira(1e-2, RANK, update_proj_gap=GAP, refresh="randomized"),
     "blocks": lambda: optax.chain(block_chain(RANK, GAP, 0.25), optax.scale(-1e-2)),
     "rms_subspace": lambda: fo.fira(1e-2, RANK, base_optimizer=optax.scale_by_rms()),
