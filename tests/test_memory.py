@@ -36,12 +36,12 @@ def state_bytes(tx, params):
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def analytic_fira_bytes(limiter=True):
+def analytic_fira_bytes(limiter=True, rank=RANK):
     """P (k × kept dim) + two low-rank moments (k × other dim) + one int32 step count (the
     per-matrix bias correction) + one limiter scalar."""
     per_layer = 0
     for m, n in [(D, D)] * 4 + [(D, FFN)] * 2 + [(FFN, D)]:
-        k = min(RANK, m, n)
+        k = min(rank, m, n)
         kept, other = (n, m) if m >= n else (m, n)  # std: right if tall/square else left
         per_layer += 4 * (k * kept + 2 * k * other + 1 + (1 if limiter else 0))
     plain = VOCAB * D * 2 + (2 * D) * LAYERS + D
@@ -53,6 +53,19 @@ def test_fira_state_bytes_are_analytic():
     params = llama_60m_shapes()
     assert state_bytes(fo.fira(1e-2, RANK), params) == analytic_fira_bytes()
     assert state_bytes(fo.galore(1e-2, RANK), params) == analytic_fira_bytes(limiter=False)
+
+
+def test_family_state_bytes_are_analytic():
+    """GoLore and FRUGAL keep GaLore's state (FRUGAL's state-free part stores nothing),
+    APOLLO Fira's (moments and a limiter memory; no limiter: GaLore's), APOLLO-Mini the
+    same at rank 1."""
+    params = llama_60m_shapes()
+    galore, fira = analytic_fira_bytes(limiter=False), analytic_fira_bytes()
+    assert state_bytes(fo.golore(1e-2, RANK), params) == galore
+    assert state_bytes(fo.frugal(1e-2, RANK), params) == galore
+    assert state_bytes(fo.apollo(1e-2, RANK), params) == fira
+    assert state_bytes(fo.apollo(1e-2, RANK, gamma=None), params) == galore
+    assert state_bytes(fo.apollo_mini(1e-2), params) == analytic_fira_bytes(rank=1)
 
 
 def test_fira_state_is_smaller_than_adamw():
