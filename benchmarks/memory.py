@@ -106,6 +106,10 @@ def optimizers(rank: int, params) -> dict[str, optax.GradientTransformation]:
     return {
         "fo.fira": fo.fira(1e-3, rank, **kw),
         "fo.galore": fo.galore(1e-3, rank, **kw),
+        "fo.apollo": fo.apollo(1e-3, rank, update_proj_gap=200),
+        "fo.apollo_mini": fo.apollo_mini(1e-3, update_proj_gap=200),
+        "fo.golore": fo.golore(1e-3, rank, **kw),
+        "fo.frugal": fo.frugal(1e-3, rank, update_proj_gap=200),
         "optax.contrib.galore": optax.contrib.galore(
             1e-3, rank=rank, weight_dimension_numbers=lambda _: dim_nums, **kw
         ),

@@ -2,7 +2,8 @@
 
 Optimizers (all with `rank` from the GaGore/Fira papers, scale 0.25, no weight decay):
 
-* `fo.fira`, `fo.fira(refresh="randomized")`, `fo.galore` (this library),
+* `fo.fira`, `fo.fira(refresh="randomized")`, `fo.galore` (this library; with `--family`
+  also `fo.apollo`, `fo.apollo_mini`, `fo.golore`, `fo.frugal`),
 * `optax.contrib.galore` (optax's own GaLore; its default base optimizer is `scale_by_adam`),
 * `optax.adamw` (full-rank baseline),
 * the official PyTorch `fira.FiraAdamW` and `torch.optim.AdamW` (CPU, same thread count).
@@ -104,6 +105,16 @@ LR = 1e-3
 # JAX optimizers.
 
 
+def family_optimizers(rank: int, gap: int) -> dict[str, optax.GradientTransformation]:
+    """The rest of the low-rank family, at the settings of their papers' pre-training runs."""
+    return {
+        "fo.apollo": fo.apollo(LR, rank, update_proj_gap=gap),
+        "fo.apollo_mini": fo.apollo_mini(LR, update_proj_gap=gap),
+        "fo.golore": fo.golore(LR, rank, update_proj_gap=gap, scale=SCALE),
+        "fo.frugal": fo.frugal(LR, rank, update_proj_gap=gap),
+    }
+
+
 def jax_optimizers(rank: int, gap: int) -> dict[str, optax.GradientTransformation]:
     return {
         "fo.fira": fo.fira(LR, rank, update_proj_gap=gap, scale=SCALE),
@@ -118,7 +129,16 @@ def jax_optimizers(rank: int, gap: int) -> dict[str, optax.GradientTransformatio
     }
 
 
-REFRESHING = ("fo.fira", "fo.fira(randomized)", "fo.galore", "optax.contrib.galore")
+REFRESHING = (
+    "fo.fira",
+    "fo.fira(randomized)",
+    "fo.galore",
+    "optax.contrib.galore",
+    "fo.apollo",
+    "fo.apollo_mini",
+    "fo.golore",
+    "fo.frugal",
+)
 
 
 def make_tree(size: Size, seed: int = 0) -> dict[str, jax.Array]:
@@ -291,9 +311,11 @@ def bench_size(size: Size, args) -> str:
 
         torch.set_num_threads(args.threads)
 
+    txs = jax_optimizers(size.rank, GAP)
+    if args.family:
+        txs.update(family_optimizers(size.rank, GAP))
     builders: dict[str, Callable[[], Any]] = {
-        name: (lambda tx=tx: JaxRunner(tx, params, grads, args.warmup))
-        for name, tx in jax_optimizers(size.rank, GAP).items()
+        name: (lambda tx=tx: JaxRunner(tx, params, grads, args.warmup)) for name, tx in txs.items()
     }
     if use_torch:
         builders["official FiraAdamW"] = lambda: TorchRunner("fira", size, args.warmup)
@@ -469,6 +491,9 @@ def main(argv: list[str] | None = None) -> None:
         "linearly; compile time shrinks a lot)",
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch optimizers")
+    parser.add_argument(
+        "--family", action="store_true", help="also APOLLO, APOLLO-Mini, GoLore and FRUGAL"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 3 rounds (CI)")
     parser.add_argument(
         "--train-step",
