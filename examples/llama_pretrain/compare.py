@@ -68,6 +68,10 @@ NAMES = {
     "fira": "Fira",
     "fira_no_limiter": "Fira w/o limiter",
     "fira_no_phi": "Fira w/o φ",
+    "apollo": "APOLLO",
+    "apollo_mini": "APOLLO-Mini",
+    "golore": "GoLore",
+    "frugal": "FRUGAL",
 }
 DEFAULT_REFERENCE = pathlib.Path(__file__).parent / "results" / "sweep_shakespeare.json"
 
