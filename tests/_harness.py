@@ -227,15 +227,29 @@ def relative_errors(
     return out
 
 
+def device_check_env() -> dict[str, str]:
+    """The environment of an 8-device check subprocess: one BLAS thread, the CPU platform, and
+    this process's XLA_FLAGS (e.g. `--xla_cpu_max_isa`, which picks the vector code) without a
+    host device count: the child appends its own `--xla_force_host_platform_device_count`."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+    flags = [
+        flag
+        for flag in env.pop("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    ]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
 def run_device_jobs(script: Path, *jobs: str, timeout: float = 900) -> list[dict]:
     """Runs `python script JOB ...` (a check that requests its host devices itself, before
-    importing jax) and returns the JSON lines it prints; its stderr tail on failure."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    importing jax, on top of this process's other XLA_FLAGS) and returns the JSON lines it
+    prints; its stderr tail on failure."""
     try:
         out = subprocess.run(
             [sys.executable, str(script), *jobs],
-            env=env,
+            env=device_check_env(),
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from _problems import OPTIMIZERS, block_chain, matrix_problem
+from _roundoff import ROUND_OFF, assert_round_off
 
 import fira_optax as fo
 
@@ -75,6 +76,9 @@ def test_inject_hyperparams(name):
         u1, state = jax.jit(opt.update)(g1, state, p1)
         u2, state_inject = jax.jit(opt_inject.update)(g2, state_inject, p2)
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    # Traced vs constant hyper-parameters: different programs, float32 round-off over 5 steps
+    # (measured ≤ 1.3e-7 of the largest weight, ≤ 1/40 of these bounds, under SSE4.2, AVX2
+    # and AVX-512 code).
     chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-6)
     assert float(state_inject.hyperparams["scale"]) == 0.5
     # A hyper-parameter changed at run time takes effect without retracing.
@@ -182,7 +186,9 @@ def test_block_chain_equals_scale_by_fira():
         grads = jax.grad(loss_fn)(params)
         u1, s1 = jax.jit(chain.update)(grads, s1, params)
         u2, s2 = jax.jit(alias.update)(grads, s2, params)
-        chex.assert_trees_all_equal(u1, u2)
+        # The same blocks, built twice (by hand and by the alias) and jitted separately: equal
+        # to float32 round-off (bitwise only for the same compiled program).
+        assert_round_off(u1, u2, ROUND_OFF, "chain vs alias")
         params = optax.apply_updates(params, jax.tree.map(lambda u: -1e-2 * u, u1))
 
 
@@ -205,10 +211,13 @@ def test_ablations_differ_as_expected():
         ]
         states = [o[1] for o in outs]
         u_galore, u_no_res, u_no_lim, u_fira = (o[0] for o in outs)
-        chex.assert_trees_all_equal(u_galore, u_no_res)
+        # The alias vs the blocks built by hand: float32 round-off (see _roundoff.py).
+        assert_round_off(u_galore, u_no_res, ROUND_OFF, "galore vs chain without residual")
         diffs.append(float(jnp.abs(u_no_lim["w1"] - u_fira["w1"]).max()))
         params = optax.apply_updates(params, jax.tree.map(lambda u: -1e-2 * u, u_fira))
-    assert diffs[0] == 0.0  # the first step only remembers the norm
+    # The first step only remembers the norm: the limiter divides φ by exactly 1, and op by
+    # op (no jit) the rest are the same ops on equal inputs, so exactly equal.
+    assert diffs[0] == 0.0
     assert diffs[4] > 1e-2  # the spike is limited
 
 
@@ -259,6 +268,9 @@ class VariantsTest(chex.TestCase):
             for g in grads:
                 want, ref_state = ref_update(g, ref_state, params)
                 got, var_state = var_update(g, var_state, params)
+                # Op by op vs one compiled program: float32 round-off over 7 steps (measured
+                # ≤ 3.3e-7 of the largest update entry, ≤ 1/16 of these bounds, under SSE4.2,
+                # AVX2 and AVX-512 code).
                 chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
                 chex.assert_trees_all_equal_structs(got, params)
             chex.assert_trees_all_close(var_state, ref_state, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 from _harness import run_device_jobs
+from _roundoff import ROUND_OFF, assert_round_off
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -119,7 +120,9 @@ def test_refresh_shardings_on_one_device_is_the_plain_refresh():
         g = _grads(params, t)
         u1, s1 = jax.jit(tx_plain.update)(g, s1, params)
         u2, s2 = jax.jit(tx_mesh.update)(g, s2, params)
-        chex.assert_trees_all_equal((u1, s1), (u2, s2))
+        # Another program (the refresh under the mesh's sharding constraints) on the same
+        # gradients: float32 round-off; counts and flags equal.
+        assert_round_off((u1, s1), (u2, s2), ROUND_OFF, f"step {t + 1}")
 
 
 def test_bad_schedule_and_shardings_raise():
@@ -221,4 +224,5 @@ def test_staggered_fira_in_multi_transform_follows_the_masked_whole_tree_run():
         g = _grads(params, t)
         u_multi, s_multi = jax.jit(tx_multi.update)(g, s_multi, params)
         u_whole, s_whole = jax.jit(tx_whole.update)(g, s_whole, params)
-        chex.assert_trees_all_close(u_multi["layers"], u_whole["layers"], rtol=1e-6, atol=1e-7)
+        # A sub-tree vs the whole tree: two programs, float32 round-off.
+        assert_round_off(u_multi["layers"], u_whole["layers"], ROUND_OFF, f"step {t + 1}")

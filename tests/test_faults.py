@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _roundoff import ROUND_OFF, assert_round_off
 
 import fira_optax as fo
 from tests import _sparse
@@ -109,7 +110,8 @@ def test_idle_expert_skips_its_step_exactly(name):
 
 def test_layer_frozen_for_its_first_steps_trains_like_a_fresh_start():
     """A layer whose gradient is zeroed for its first 5 steps (warm-up freezing) then trains
-    exactly like a fresh optimizer started when it unfreezes; the other layer is unaffected."""
+    like a fresh optimizer started when it unfreezes (to float32 round-off: the one-leaf tree
+    is another program); the other layer is unaffected."""
     tx = fo.fira(1e-2, 8, update_proj_gap=4, scale=0.25)
     params = {"a": jnp.zeros((48, 32)), "b": jnp.zeros((32, 64))}
     grads = [
@@ -131,7 +133,7 @@ def test_layer_frozen_for_its_first_steps_trains_like_a_fresh_start():
     for t in range(5):
         assert np.all(np.asarray(got[t]["b"]) == 0)
     for t in range(5, 14):
-        np.testing.assert_allclose(got[t]["b"], fresh[t - 5]["b"], rtol=1e-6, atol=1e-9)
+        assert_round_off(got[t]["b"], fresh[t - 5]["b"], ROUND_OFF, f"step {t + 1}")
 
 
 @pytest.mark.parametrize(

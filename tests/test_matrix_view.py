@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _roundoff import ROUND_OFF, assert_round_off
 from jax.sharding import PartitionSpec as P
 
 import fira_optax as fo
@@ -81,7 +82,7 @@ def test_bad_dimension_numbers(dims, match):
         fo.fira(1e-2, 2, dimension_numbers={"k": dims}).init(params)
 
 
-def test_multi_head_kernel_trains_exactly_like_its_matrix():
+def test_multi_head_kernel_trains_like_its_matrix():
     """A (d, heads, head_dim) kernel under the default view ≡ the (d, heads·head_dim) matrix."""
     d, h, hd = 32, 4, 8
     w = jax.random.normal(jax.random.key(0), (d, h * hd))
@@ -91,7 +92,9 @@ def test_multi_head_kernel_trains_exactly_like_its_matrix():
         g = jax.random.normal(jax.random.key(t + 1), (d, h * hd))
         u3, s3 = jax.jit(tx.update)({"kernel": g.reshape(d, h, hd)}, s3)
         u2, s2 = jax.jit(tx.update)({"kernel": g}, s2)
-        chex.assert_trees_all_close(u3["kernel"].reshape(d, h * hd), u2["kernel"], rtol=1e-6)
+        # The 3-D leaf's program (reshapes around the same maths) vs the matrix's: float32
+        # round-off.
+        assert_round_off(u3["kernel"].reshape(d, h * hd), u2["kernel"], ROUND_OFF, f"step {t + 1}")
 
 
 @pytest.mark.parametrize(

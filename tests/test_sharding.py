@@ -1,4 +1,4 @@
-"""Sharded Fira/GaLore on 8 CPU devices (2×4 mesh) equals the single-device step.
+"""Sharded Fira/GaLore on 8 CPU devices (2×4 mesh) matches the single-device step.
 
 The body runs in a subprocess (`tests/_sharded_check.py`): the 8 host devices must be requested
 before jax is imported. Layouts of a small LLaMA tree with stacked `(L, m, n)` leaves: FSDP,
@@ -15,7 +15,6 @@ float32 differences of a sharded matmul (~1e-6) rotate them freely inside that f
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _harness import run_device_jobs
+from _harness import device_check_env, run_device_jobs
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -42,11 +41,18 @@ def _run(*jobs: str, timeout: float = 600) -> list[dict]:
 def _check(result: dict) -> None:
     name = f"{result['optimizer']}/{result['layout']}"
     assert result["sharding_ok"], f"{name}: state shardings changed: {result['bad']}"
-    # Every state leaf (bases, moments, limiter memory) within 1e-6 of the single-device run.
-    assert result["state_max_rel"] <= 1e-6, (name, result["where"])
-    # Updates: from step 2 on ≤ 1e-6 (Frobenius); step 1 is Adam's ill-conditioned first step
-    # (see _sharded_check.py), bounded more loosely.
-    assert result["updates_frob_rel_after_step1"] <= 1e-6, (name, result["where"])
+    # The sharded step splits the projection's sums (R = PᵀG over up to 160 terms) and the
+    # norms across devices: float32 round-off in another order. Adam divides each entry of R by
+    # its own √ν, so an entry's relative error is that of R's entry, u·Σ|P||G| / |R| (u = 6e-8):
+    # large where the projection cancels (the trailing basis vectors here span noise). Measured
+    # under SSE4.2, AVX2 and AVX-512 code: state ≤ 6.3e-7, updates from step 2 on ≤ 9e-7
+    # (Frobenius, GaLore), step 1 ≤ 7e-6; the bounds leave ≥ 7× and stay far below what a
+    # wrong shard or gather gives (O(1)).
+    # Every state leaf (bases, moments, limiter memory): max-relative to the leaf's largest entry.
+    assert result["state_max_rel"] <= 1e-5, (name, result["where"])
+    # Updates from step 2 on (Frobenius); step 1 is Adam's ill-conditioned first step
+    # (N ≈ R / |R|, see _sharded_check.py), bounded more loosely.
+    assert result["updates_frob_rel_after_step1"] <= 1e-5, (name, result["where"])
     assert result["updates_frob_rel"] <= 5e-5, (name, result["where"])
     mem = result["bytes_per_device"]
     assert mem["sharded"]["argument"] < 0.35 * mem["single"]["argument"], (name, mem)
@@ -70,9 +76,20 @@ def test_sharded_fira_and_galore_match_single_device():
         _check(r)
 
 
+def test_sharded_family_matches_single_device():
+    """APOLLO (random projection), GoLore (SVD, then random orthonormal) and FRUGAL keep
+    their state's shardings and match one device as Fira does."""
+    results = _run("apollo:fsdp_tp", "golore:tp", "frugal:fsdp")
+    assert len(results) == 3
+    for r in results:
+        _check(r)
+
+
 _REFRESH_SCRIPT = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# 8 host devices, after the parent's flags (e.g. --xla_cpu_max_isa)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fira_optax._refresh import refresh_basis
@@ -88,19 +105,30 @@ for spec in [P("data", None, None), P("data", "model", None), P(None, "model", N
 
 
 def _run_snippet(script: str, timeout: float) -> str:
-    """Runs `python -c script` on 8 host devices (the script sets XLA_FLAGS); its stdout."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    """Runs `python -c script` on 8 host devices (the script adds the device count to this
+    process's XLA_FLAGS); its stdout."""
     out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", script],
+        env=device_check_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout
 
 
 def test_randomized_refresh_is_shard_invariant():
+    """Same basis sharded as on one device, to float32 round-off times the conditioning.
+
+    The sharded matmuls round in another order; the basis moves by ~u·σ₁/gap (u = 6e-8), and
+    for these Gaussian 64×160 matrices the smallest gap among the top 9 singular values is down
+    to 0.066 (σ₁/gap ≤ 310): ~2e-5 per ulp (measured ≤ 2.4e-5 under SSE4.2, AVX2 and AVX-512
+    code). The bound, 2e-4 (~10 u·σ₁/gap), is far below what a per-shard key or a wrong gather
+    gives (O(1) on entries of size ~0.1).
+    """
     diffs = [float(x) for x in _run_snippet(_REFRESH_SCRIPT, timeout=300).split()]
-    assert len(diffs) == 3 and max(diffs) < 1e-4, diffs
+    assert len(diffs) == 3 and max(diffs) < 2e-4, diffs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +202,9 @@ def test_partition_specs_without_mesh_raise():
 
 _WRAPPERS_SCRIPT = """
 import json, os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# 8 host devices, after the parent's flags (e.g. --xla_cpu_max_isa)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import fira_optax as fo
@@ -188,7 +218,36 @@ specs = {"embed": P("model", None), "attn": {"query": {"kernel": P("data", "mode
 is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
                       is_leaf=is_shape)
-grads = [jax.tree.map(lambda p, t=t: jnp.cos(p * (t + 1.0)), params) for t in range(4)]
+views = {"embed": (64, 32), "attn": {"query": {"kernel": (32, 32)}}, "mlp": {"up": (32, 64)},
+         "layers": {"w": (32, 64)}, "b": (64, 1)}  # each leaf's matrix (b: a vector)
+frames = np.random.default_rng(1)
+
+def frame(m, d):
+    # d orthonormal columns; in the first 4 every |entry| >= 0.004 and the largest is ahead
+    # of the next by >= 1e-3 (so round-off cannot flip a basis vector's canonical sign)
+    while True:
+        q = np.linalg.qr(frames.standard_normal((m, d)))[0]
+        top = np.sort(np.abs(q[:, :4]), axis=0)
+        if top[0].min() >= 0.004 and (top[-1] - top[-2]).min() >= 1e-3:
+            return q
+
+def leaf_grads(shape, view):
+    # per matrix U diag(s_t) V^T: top 4 singular values (6, 5, 4, 3)(1 + t/10) over a tail
+    # 1 .. 0.1 (gaps >= 1); a vector: entries in [0.5, 1.5]
+    m, n = view
+    if n == 1:
+        return [1.0 + 0.5 * np.sin(np.arange(m) + t) for t in range(4)]
+    d, out = min(m, n), []
+    for _ in range(int(np.prod(shape)) // (m * n)):
+        u, v = frame(m, d), frame(n, d)
+        tail = np.linspace(1.0, 0.1, d - 4)
+        out.append([(u * np.r_[(6.0 - np.arange(4)) * (1 + t / 10), tail]) @ v.T
+                    for t in range(4)])
+    return [np.stack([x[t] for x in out]).reshape(shape) for t in range(4)]
+
+per_leaf = jax.tree.map(leaf_grads, shapes, views, is_leaf=is_shape)
+grads = [jax.tree.map(lambda g, t=t: jnp.asarray(g[t], jnp.float32), per_leaf,
+                      is_leaf=lambda x: isinstance(x, list)) for t in range(4)]
 param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 mask = fo.projected_mask(params, rank=4)
 labels = jax.tree.map(lambda m: "fira" if m else "adam", mask)
@@ -229,7 +288,19 @@ for name, tx in wrappers.items():
 
 
 def test_state_shardings_through_optax_wrappers_on_8_devices():
-    """MultiSteps, inject_hyperparams, apply_if_finite, chain, multi_transform, masked."""
+    """MultiSteps, inject_hyperparams, apply_if_finite, chain, multi_transform, masked.
+
+    Values: every update and state leaf of the 4 steps (refreshes at steps 1 and 3) on the
+    2×4 mesh within 1e-5 of the single-device run, relative to the leaf's largest entry. The
+    sharded step sums in another order (and `chain`'s clip factor is a sharded global norm, so
+    its clipped G differs by ulps), which the computation amplifies by its conditioning, fixed
+    by the gradients: the SVD moves a basis by ~‖δG‖/gap, with ‖G‖_F / gap ≤ 10 here (top
+    singular values (6, 5, 4, 3)·(1 + t/10) over a tail ≤ 1), i.e. ~6e-7 per ulp (u = 6e-8)
+    of G, twice that in Adam's ν (R²); every entry of R = PᵀG is ≥ 0.013 (5e-4 after `chain`'s
+    clip to norm 1) ≫ eps = 1e-6, so Adam's first step (≈ sign R) does not amplify δR.
+    Measured ≤ 1.1e-6 under SSE4.2, AVX2 and AVX-512 code; 1e-5 leaves ~10× and is far below
+    what a real error gives (a lost hyper-parameter or mask: O(1)).
+    """
     stdout = _run_snippet(_WRAPPERS_SCRIPT, timeout=600)
     results = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert {r["wrapper"] for r in results} == {
@@ -243,7 +314,7 @@ def test_state_shardings_through_optax_wrappers_on_8_devices():
     for r in results:
         assert r["same_structure"] and r["shardings_kept"], r
         assert r["n_sharded"] >= 4, r  # bases / moments follow the params' shardings
-        assert r["max_rel_diff"] < 1e-4, r
+        assert r["max_rel_diff"] < 1e-5, r  # float32 round-off × conditioning ≤ 10 (docstring)
 
 
 def test_state_shardings_of_an_opaque_state_fail_naming_the_holder():

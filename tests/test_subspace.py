@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _roundoff import ROUND_OFF, assert_round_off
 
 import fira_optax as fo
 
@@ -144,7 +145,8 @@ def test_in_subspace_block_in_a_chain_equals_the_alias():
     for g in gradients(4):
         u1, s1 = jax.jit(chain.update)(g, s1)
         u2, s2 = jax.jit(alias.update)(g, s2)
-        chex.assert_trees_all_equal(u1, u2)
+        # The same blocks, built by hand and by the alias, jitted separately: float32 round-off.
+        assert_round_off(u1, u2, ROUND_OFF, "chain vs alias")
 
 
 def test_base_optimizer_and_mu_dtype_conflict():
