@@ -14,6 +14,7 @@ from fira_optax._project import project
 from fira_optax._project_back import project_back
 from fira_optax._refresh import RefreshFn, check_refresh, left_form_basis, svd_basis
 from fira_optax._residual import norm_scale_residual
+from fira_optax._shapes import active as matrices_active
 from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec
 from fira_optax._subspace import in_subspace, scale_by_low_rank_adam
 
@@ -238,8 +239,8 @@ def _active_matrices(grads: Any, spec: ProjectionSpec) -> list:
         if plan is None:
             return None
         grad_mxn = plan.view.to_matrix(grad)
-        any_mxn = jnp.any(grad_mxn != 0, axis=(-2, -1), keepdims=True)
-        return plan.view.from_matrix(jnp.broadcast_to(any_mxn, grad_mxn.shape))
+        active_11 = matrices_active(grad_mxn, keepdims=True)
+        return plan.view.from_matrix(jnp.broadcast_to(active_11, grad_mxn.shape))
 
     plans = spec.flat_plans(grads)
     return [active(g, p) for g, p in zip(jax.tree.leaves(grads), plans, strict=True)]

@@ -25,6 +25,7 @@ from fira_optax._checks import MAX_GAP, as_int, check_real
 from fira_optax._distributed import RefreshLeaf, divided_refresh, layout, mesh_and_specs
 from fira_optax._node import LowRankUpdate
 from fira_optax._refresh import DATA_FREE, RefreshFn, check_refresh, refresh_basis
+from fira_optax._shapes import active as matrices_active
 from fira_optax._shapes import project_matrix
 from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec, make_spec
 
@@ -255,7 +256,7 @@ def project(
             # Per matrix; idle only when the whole gradient is exactly zero. A non-zero
             # gradient orthogonal to the basis (R = 0) is a step like any other: the moments
             # decay, Fira trains it through the residual, the schedule advances.
-            active = jnp.any(grad_mxn != 0, axis=(-2, -1))
+            active = matrices_active(grad_mxn)
             age = _schedule.basis_age(steps, update_proj_gap, offset)
             steps = steps + active.astype(jnp.int32)
             new_updates.append(

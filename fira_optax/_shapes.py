@@ -256,3 +256,10 @@ def back_matrix(low_rank: jax.Array, basis: jax.Array, side: str) -> jax.Array:
 def per_matrix(x: jax.Array) -> jax.Array:
     """A per-matrix quantity `(*batch)` made broadcastable against `(*batch, m, n)`."""
     return x[..., None, None] if jnp.ndim(x) else x
+
+
+def active(grad_mxn: jax.Array, keepdims: bool = False) -> jax.Array:
+    """Per matrix of `(*batch, m, n)`, whether it steps: its gradient is not exactly zero (an
+    idle matrix — an expert without tokens, a frozen layer — is skipped, as PyTorch skips a
+    parameter whose `grad` is None)."""
+    return jnp.any(grad_mxn != 0, axis=(-2, -1), keepdims=keepdims)
