@@ -28,9 +28,9 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from step_time import SIZES  # noqa: E402
+from step_time import SIZES
 
-import fira_optax  # noqa: E402
+import fira_optax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

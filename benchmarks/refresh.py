@@ -17,11 +17,11 @@ import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from fira_optax import _refresh  # noqa: E402
+from fira_optax import _refresh
 
 
 def gradient(m: int, n: int, seed: int, drift: float = 0.0) -> np.ndarray:

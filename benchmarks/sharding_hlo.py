@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import _sharded_check as sc  # noqa: E402  (sets the 8-device XLA_FLAGS before jax)
-import jax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+import _sharded_check as sc
+import jax
+from jax.sharding import NamedSharding
 
-import fira_optax as fo  # noqa: E402
+import fira_optax as fo
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")

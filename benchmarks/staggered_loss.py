@@ -24,14 +24,14 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+import optax
+from flax import nnx
 
-import fira_optax as fo  # noqa: E402
-from examples.llama_pretrain import configs, input_pipeline, train  # noqa: E402
-from examples.llama_pretrain.model import Llama  # noqa: E402
+import fira_optax as fo
+from examples.llama_pretrain import configs, input_pipeline, train
+from examples.llama_pretrain.model import Llama
 
 
 def make_tx(cfg, schedule: str) -> optax.GradientTransformation:

@@ -417,7 +417,7 @@ def bench_train_step(args) -> str | None:
 
         from examples.llama_pretrain import configs, train
         from examples.llama_pretrain.model import Llama
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         print(f"--train-step skipped: examples.llama_pretrain unavailable ({e!r})")
         return None
     preset = "micro" if args.smoke else args.train_config
@@ -515,12 +515,12 @@ def main(argv: list[str] | None = None) -> None:
         args.threads = os.cpu_count() or 1
     if not args.no_torch:
         try:
-            import torch  # noqa: F401
+            import torch
 
             from benchmarks._torch_reference import fira_adamw
 
             fira_adamw()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             print(f"torch / official fira unavailable ({e!r}): running with --no-torch")
             args.no_torch = True
     print(machine_line())

@@ -21,7 +21,7 @@ import fira_optax  # noqa: E402
 
 project = "fira_optax"
 author = "fira_optax developers"
-copyright = "fira_optax developers"  # noqa: A001
+copyright = "fira_optax developers"
 release = version = fira_optax.__version__
 
 extensions = [

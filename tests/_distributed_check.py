@@ -36,22 +36,22 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import collections  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import collections
+import json
+import re
+import sys
+from pathlib import Path
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import _sharded_check as sc  # noqa: E402
+import _sharded_check as sc
 
-import fira_optax as fo  # noqa: E402
+import fira_optax as fo
 
 RANK, GAP, STEPS = sc.RANK, sc.GAP, sc.STEPS  # refreshes at steps 1, 4, 7 (official)
 DATA, MODEL = sc.DATA, sc.MODEL
@@ -141,7 +141,7 @@ def arrays(shape_text: str) -> list[tuple[str, int]]:
 def collectives(hlo: str, branch: int) -> collections.Counter:
     """`(kind, shape text)` counts reachable from ENTRY, taking `branch` at conditionals."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import sharding_hlo as sh  # noqa: PLC0415
+    import sharding_hlo as sh
 
     return sh.reachable(hlo, branch)
 

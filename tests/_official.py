@@ -74,7 +74,7 @@ def install_stubs() -> None:
     """Install minimal ``transformers`` / ``bitsandbytes`` stubs if they are not importable."""
     if "transformers.utils.versions" not in sys.modules and not _module_available("transformers"):
 
-        def require_version(requirement: str, hint: str | None = None) -> None:  # noqa: ARG001
+        def require_version(requirement: str, hint: str | None = None) -> None:
             return None
 
         versions = _new_module("transformers.utils.versions", require_version=require_version)
@@ -176,7 +176,7 @@ def jax_svd():
         k = min(A.shape[-2:])
         U, Vh = bases(jnp.asarray(A.detach().to(torch.float32).numpy()), k)
         S = torch.zeros(k, dtype=A.dtype)  # never read by the official projectors
-        as_torch = lambda x: torch.tensor(np.asarray(x)).to(A.dtype)  # noqa: E731
+        as_torch = lambda x: torch.tensor(np.asarray(x)).to(A.dtype)
         return as_torch(U), S, as_torch(Vh)
 
     torch.linalg.svd = svd
@@ -349,7 +349,7 @@ def projection_recorder(
     """
     tables: dict[str, list[np.ndarray]] = {name: [] for name in names}
 
-    def on_step(t, opt, params):  # noqa: ARG001
+    def on_step(t, opt, params):
         for name, table in tables.items():
             state = opt.state[params[name]]
             step = state.get("step", 0)  # the parameter's steps so far (idle steps: none)
@@ -369,7 +369,7 @@ def replay_refresh(tables: Mapping[str, Sequence[np.ndarray]], update_proj_gap: 
 
     stacked = {name: jnp.asarray(np.stack(table)) for name, table in tables.items()}
 
-    def refresh(grad_mxn, basis, key, *, k, side, path, step):  # noqa: ARG001
+    def refresh(grad_mxn, basis, key, *, k, side, path, step):
         table = stacked[path]
         if table.shape[1:] != basis.shape:
             raise ValueError(f"{path}: recorded {table.shape[1:]}, basis {basis.shape}")

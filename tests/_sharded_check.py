@@ -28,18 +28,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import sys
+from pathlib import Path
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fira_optax as fo  # noqa: E402
+import fira_optax as fo
 
 # A small LLaMA: vocab V, width D, MLP width F, L stacked (scanned) layers.
 V, D, F, L = 128, 64, 160, 4

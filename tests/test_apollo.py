@@ -275,7 +275,7 @@ def test_official_channel_rule_off_the_std_side():
     """The documented difference: off the "std" side the official channel scale reduces the
     wrong axis of R — a crash for k > 1, the tensor-wise scale for k = 1."""
     w0, grads = make_problem({"m": (48, 24)}, 2, SEED)
-    run = lambda rank, scale_type: run_official(  # noqa: E731
+    run = lambda rank, scale_type: run_official(
         "apollo",
         w0,
         grads,

@@ -18,7 +18,7 @@ import optax
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fira_optax as fo  # noqa: E402
+import fira_optax as fo
 
 K_SAVE, K_TOTAL, GAP = 4, 9, 4
 

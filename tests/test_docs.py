@@ -53,4 +53,4 @@ def test_page_code_blocks_run(page, monkeypatch):
             continue
         # Padded so that a traceback's line number is the page's.
         code = compile("\n" * (line - 1) + source, str(page.relative_to(REPO)), "exec")
-        exec(code, namespace)  # noqa: S102
+        exec(code, namespace)

@@ -163,7 +163,7 @@ def test_idle_expert_stands_still_with_any_base_optimizer(base):
         if 2 <= t <= 4:
             assert np.all(np.asarray(u["experts"][1]) == 0), t
             assert np.any(np.asarray(u["experts"][0]) != 0), t
-            inner = lambda s: jax.tree.leaves(s[0][1].inner)  # noqa: E731
+            inner = lambda s: jax.tree.leaves(s[0][1].inner)
             for old, new in zip(inner(before), inner(state), strict=True):
                 if np.ndim(new) and np.shape(new)[0] == STACK[0]:
                     np.testing.assert_array_equal(np.asarray(new)[1], np.asarray(old)[1])

@@ -200,7 +200,7 @@ def test_docs_label_recipe_runs():
     blocks = re.findall(r"```python\n(# Recipe: label masks.*?)```", page, re.S)
     assert len(blocks) == 1, "docs/building_blocks.md lost its label-mask recipe"
     namespace = {"params": _model_params(d=256, f=512, v=300)}
-    exec(blocks[0], namespace)  # noqa: S102
+    exec(blocks[0], namespace)
     tx = namespace["tx"]
     labels = jax.tree.leaves(namespace["labels"])
     assert labels.count("fira") == 8 and labels.count("adamw") == 4, labels

@@ -16,7 +16,7 @@ import fira_optax as fo
 from fira_optax import _refresh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from refresh import gradient  # noqa: E402  (the benchmark's low-rank-plus-noise gradient)
+from refresh import gradient
 
 M, N, K = 192, 448, 48
 

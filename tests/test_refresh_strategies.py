@@ -129,7 +129,7 @@ def test_fira_trains_with_a_random_projection(refresh):
     loss and below GaLore with the same strategy (which drops that part)."""
     rng = np.random.default_rng(0)
     a, target = jnp.asarray(rng.normal(size=(128, 64))), jnp.asarray(rng.normal(size=(64, 32)))
-    loss = lambda p: jnp.mean(jnp.square(a @ p["w"] - a @ target))  # noqa: E731
+    loss = lambda p: jnp.mean(jnp.square(a @ p["w"] - a @ target))
 
     def train(make):
         params = {"w": jnp.zeros((64, 32))}
