@@ -28,7 +28,8 @@ def residual_scale(direction: jnp.ndarray, low_rank: jnp.ndarray, side: str) -> 
     Left side: `R` is `k×n`, φ is `1×n` (one factor per column of G); right side: `R` is `m×k`,
     φ is `m×1` (one per row). This is the official "R's smaller dimension" rule on every shape
     except a left projection with `k == n`, where the official code reduces the other axis
-    (and crashes unless the matrix is square); see the README's "Differences".
+    (and crashes unless the matrix is square); see docs/semantics.md, "Where we differ from the
+    official code".
 
     `jnp.linalg.norm` does not overflow before its result does: a gradient spike large enough
     to make ‖R‖ infinite gives φ = 0 (the residual of that step is dropped), never NaN.
