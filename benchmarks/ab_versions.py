@@ -1,7 +1,7 @@
 """Update time of this checkout's `fira_optax` vs an earlier revision's, interleaved in one process.
 
-    .venv/bin/python benchmarks/ab_versions.py --base e0adf39 [--layers 2 --rounds 40]
-    taskset -c 1 .venv/bin/python benchmarks/ab_versions.py --base e0adf39   # one core
+    .venv/bin/python -m benchmarks.ab_versions --base e0adf39 [--layers 2 --rounds 40]
+    taskset -c 1 .venv/bin/python -m benchmarks.ab_versions --base e0adf39   # one core
 
 The base revision's `fira_optax/` is read with `git show` into a temporary folder as the
 package `fira_optax_base` (its absolute imports renamed), so both versions run side by side:
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
+import importlib.util
 import pathlib
 import statistics
 import subprocess
@@ -25,12 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-from step_time import SIZES
-
 import fira_optax
+from benchmarks.step_time import SIZES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,8 +49,13 @@ def load_base(rev: str, root: pathlib.Path):
         (package / pathlib.Path(name).name).write_text(
             text.replace("fira_optax", "fira_optax_base")
         )
-    sys.path.insert(0, str(root))
-    return importlib.import_module("fira_optax_base")
+    spec = importlib.util.spec_from_file_location(
+        "fira_optax_base", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fira_optax_base"] = module  # its own absolute imports resolve to it
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:

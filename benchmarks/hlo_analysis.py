@@ -14,26 +14,22 @@ in the `conditional`'s branch computations):
 
 Usage::
 
-    python benchmarks/hlo_analysis.py --size 60m --layers 1 [--dump DIR]
+    python -m benchmarks.hlo_analysis --size 60m --layers 1 [--dump DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import re
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import dataclasses
 
 import jax
 import numpy as np
 
 from benchmarks.step_time import HUGE_GAP, SIZES, jax_optimizers, make_tree
+from fira_optax import _testing
 
 INSTR = re.compile(
     r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(?[a-z0-9]+\[[^\]]*\][^ ]*|\([^=]*?\)) ([\w\-]+)\("
@@ -48,21 +44,9 @@ def numel(shape_str: str) -> int:
     return total
 
 
-def split_computations(text: str) -> dict[str, list[str]]:
-    comps: dict[str, list[str]] = {}
-    name = None
-    for line in text.splitlines():
-        if not line.startswith(" ") and line.rstrip().endswith("{"):
-            name = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
-            comps[name] = []
-        elif name is not None and line.strip() and line.strip() != "}":
-            comps[name].append(line)
-    return comps
-
-
 def analyse(text: str, min_full: int) -> dict:
-    comps = split_computations(text)
-    entry = comps.get("ENTRY", [])
+    comps = _testing.hlo_computations(text)
+    entry = comps.get(_testing.hlo_entry(text), [])
     dots, full, opcodes = [], collections.Counter(), collections.Counter()
     for line in entry:
         m = INSTR.match(line)

@@ -18,19 +18,14 @@
 
 Usage::
 
-    python benchmarks/memory.py            # (a) at 60M + (b)
-    python benchmarks/memory.py --smoke    # tiny model for (a), (b) unchanged (no allocation)
+    python -m benchmarks.memory            # (a) at 60M + (b)
+    python -m benchmarks.memory --smoke    # tiny model for (a), (b) unchanged (no allocation)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +35,7 @@ import optax.contrib
 
 import fira_optax as fo
 from benchmarks.step_time import fmt_table, load_line, machine_line
+from fira_optax import _testing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +96,7 @@ def abstract_params(model: Model, dtype=jnp.float32):
 
 
 def optimizers(rank: int, params) -> dict[str, optax.GradientTransformation]:
-    mask = fo.projected_mask(params)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(rank=None))
     dim_nums = jax.tree.map(lambda p: optax.contrib.GaLoreDimensionNumbers() if p else None, mask)
     kw = dict(update_proj_gap=200, scale=0.25)
     return {
@@ -117,10 +113,6 @@ def optimizers(rank: int, params) -> dict[str, optax.GradientTransformation]:
     }
 
 
-def tree_bytes(tree) -> int:
-    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
 def tree_numel(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -135,15 +127,15 @@ def measured(model: Model) -> str:
     key = iter(jax.random.split(jax.random.key(0), 1000))
     params = jax.tree.map(lambda a: jax.random.normal(next(key), a.shape, a.dtype), abstract)
     grads = jax.tree.map(lambda a: jax.random.normal(next(key), a.shape, a.dtype), abstract)
-    p_bytes = tree_bytes(params)
-    mask = fo.projected_mask(params)
+    p_bytes = _testing.tree_bytes(params)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(rank=None))
     leaves, mask_leaves = jax.tree.leaves(params), jax.tree.leaves(mask)
-    proj_bytes = sum(tree_bytes(p) for p, m in zip(leaves, mask_leaves, strict=True) if m)
+    proj_bytes = sum(_testing.tree_bytes(p) for p, m in zip(leaves, mask_leaves, strict=True) if m)
     rows = []
     temps = {}
     for name, tx in optimizers(model.rank, params).items():
         state = tx.init(params)
-        s_bytes = tree_bytes(state)
+        s_bytes = _testing.tree_bytes(state)
         row = [name, mib(s_bytes), f"{s_bytes / p_bytes:.3f}"]
         for donate in ((), (0, 1)):
             compiled = jax.jit(tx.update, donate_argnums=donate).lower(grads, state, params)
@@ -201,7 +193,7 @@ def analytic() -> str:
         n_params = tree_numel(abstract)
         txs = optimizers(model.rank, abstract)
         counts = {n: tree_numel(jax.eval_shape(tx.init, abstract)) for n, tx in txs.items()}
-        f32 = {n: tree_bytes(jax.eval_shape(tx.init, abstract)) for n, tx in txs.items()}
+        f32 = {n: _testing.tree_bytes(jax.eval_shape(tx.init, abstract)) for n, tx in txs.items()}
         gb = lambda elements: f"{2 * elements / 1e9:.2f}"
         paper = PAPER_GB.get(key)
         rows.append(

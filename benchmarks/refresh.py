@@ -1,6 +1,6 @@
 """Exact SVD refresh vs randomized subspace iteration: time and captured gradient energy.
 
-    .venv/bin/python benchmarks/refresh.py [--m 1024 --n 2816 --rank 256 --repeats 10]
+    .venv/bin/python -m benchmarks.refresh [--m 1024 --n 2816 --rank 256 --repeats 10]
 
 A low-rank-plus-noise gradient (decaying spectrum + isotropic noise), jit-compiled and warmed;
 prints the median wall time of each method over `--repeats` calls, the speed-up, and the
@@ -19,24 +19,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fira_optax import _refresh
-
-
-def gradient(m: int, n: int, seed: int, drift: float = 0.0) -> np.ndarray:
-    """`U diag(s) Vᵀ + noise`: 64 strong directions over a power-law tail, 1% noise."""
-    rng = np.random.default_rng(0)
-    d = min(m, n)
-    u, _ = np.linalg.qr(rng.standard_normal((m, d)))
-    v, _ = np.linalg.qr(rng.standard_normal((n, d)))
-    s = 1.0 / (1.0 + np.arange(d)) ** 0.8
-    s[:64] *= 4.0
-    g = (u * s) @ v.T
-    rng = np.random.default_rng(seed)
-    g = g + drift * np.linalg.norm(g) / np.sqrt(m * n) * rng.standard_normal((m, n))
-    noise = 0.01 * np.linalg.norm(g) / np.sqrt(m * n) * rng.standard_normal((m, n))
-    return (g + noise).astype(np.float32)
+from fira_optax._testing import low_rank_gradient as gradient
 
 
 def energy(basis: jax.Array, g: jax.Array, side: str) -> float:

@@ -1,9 +1,9 @@
 """The refresh step on a mesh: replicated vs divided, bytes moved, memory; staggered schedule.
 
-    .venv/bin/python benchmarks/refresh_scaling.py [--layers 2 --rank 128 --rounds 7]
+    .venv/bin/python -m benchmarks.refresh_scaling [--layers 2 --rank 128 --rounds 7]
         [--window-layers 8 --gap 200] [--skip-window]
 
-On 8 host CPU devices (the flag is set here, before jax is imported), LLaMA-60M shapes
+On 8 host CPU devices (requested here, before jax's backend starts), LLaMA-60M shapes
 (d 512, FFN 1376; q, k, v, o, gate, up, down per layer; 2-D leaves), fira, float32:
 
 1. **Refresh-step time**, every step a refresh (`update_proj_gap=1`), exact SVD and
@@ -37,16 +37,7 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
-from pathlib import Path
-
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
@@ -55,15 +46,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fira_optax as fo
-from fira_optax import _project
+from benchmarks.step_time import SIZES
+from fira_optax import _project, _testing
+
+_testing.request_host_devices(8)
 
 SCALE, LR = 0.25, 1e-3
 
 
 def shapes(layers: int) -> dict[str, tuple[int, int]]:
     """The projected matrices of `layers` LLaMA-60M layers (step_time.py's table)."""
-    from step_time import SIZES
-
     return dataclasses.replace(SIZES["60m"], layers=layers).shapes()
 
 
@@ -75,24 +67,12 @@ def tree(layers: int, seed: int) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # HLO bytes.
 
-_ARRAY = re.compile(r"(pred|s32|u32|f32|bf16|f16)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s32": 4, "u32": 4, "f32": 4, "bf16": 2, "f16": 2}
-
-
-def _nbytes(shape_text: str) -> int:
-    total = 0
-    for dtype, dims in _ARRAY.findall(shape_text):
-        total += _BYTES[dtype] * int(np.prod([int(x) for x in dims.split(",") if x]))
-    return total
-
 
 def collective_bytes(hlo: str, branch: int) -> collections.Counter:
     """Bytes per collective kind reachable from ENTRY, taking `branch` at conditionals."""
-    import sharding_hlo as sh
-
     out = collections.Counter()
-    for (kind, shape), n in sh.reachable(hlo, branch).items():
-        out[kind] += n * _nbytes(shape)
+    for (kind, shape), n in _testing.collectives(hlo, branch).items():
+        out[kind] += n * _testing.hlo_bytes(shape)
     return out
 
 
@@ -144,13 +124,8 @@ def most_loaded_share(params, param_sh, rank, mesh) -> list[str]:
     names = [_spec.path_str(p) for p, _ in jax.tree.leaves_with_path(params)]
     mesh_shape = dict(mesh.shape)
     leaves = [
-        _distributed.RefreshLeaf(
-            jax.ShapeDtypeStruct(plan.view.shape, jnp.float32),
-            None,
-            plan,
-            _distributed.layout(plan, param_sh[name].spec, mesh_shape),
-            None,
-            None,
+        _distributed.PlacedLeaf(
+            plan, _distributed.layout(plan, param_sh[name].spec, mesh_shape), "float32"
         )
         for name, plan in zip(names, plans, strict=True)
     ]
@@ -163,7 +138,7 @@ def most_loaded_share(params, param_sh, rank, mesh) -> list[str]:
                 leaf = g.entries[t][0]
                 owner = slot // g.per_owner
                 owned[owner].append(names[leaf])
-                load[owner] += _refresh_cost(*g.key[:3], "svd")
+                load[owner] += _refresh_cost(g.key.m, g.key.n, g.key.k, "svd")
     return owned[max(load, key=load.get)]
 
 
@@ -283,15 +258,14 @@ def refresh_section(args) -> None:
     print("\n### Per-device memory (`memory_analysis`, MiB)\n")
     print("| refresh | program | argument | output | temp | peak (arg+out+temp−alias) |")
     print("|---|---|---:|---:|---:|---:|")
-    real_refresh, real_divided = _project.refresh_basis, _project.divided_refresh
-    try:
-        _project.refresh_basis = lambda grad, basis, *a, **k: basis
-        _project.divided_refresh = lambda leaves, *a, **k: [leaf.basis for leaf in leaves]
+    real_refresher = _project.make_refresher
+    try:  # a refresher that keeps every basis
+        _project.make_refresher = lambda *a, **k: lambda leaves: [leaf.basis for leaf in leaves]
         tx_none = fira("svd", 1, param_sh)
         state_sh = fo.optimizer_state_shardings(tx_none, params, param_sh)
         no_refresh = Config("x", tx_none, params, grads, param_sh, state_sh)
     finally:
-        _project.refresh_basis, _project.divided_refresh = real_refresh, real_divided
+        _project.make_refresher = real_refresher
     rows = [("-", "normal step (refresh compiled out)", no_refresh.compiled)]
     for method in ("svd", "randomized"):
         for layout in ("8 dev, replicated", "8 dev, divided"):
@@ -399,16 +373,15 @@ def paper_section() -> None:
             rule = ("fsdp", "tensor") if column_parallel else ("tensor", "fsdp")
             spec = P(None, *(a if mesh_shape[a] > 1 else None for a in rule))
             lay = _distributed.layout(plan, spec, mesh_shape)
-            grad = jax.ShapeDtypeStruct(plan.view.shape, jnp.float32)
-            leaves.append(_distributed.RefreshLeaf(grad, None, plan, lay, None, None))
+            leaves.append(_distributed.PlacedLeaf(plan, lay, "float32"))
         members = [list(range(layers))] * len(leaves)
         groups = _distributed.plan_groups(leaves, members, mesh_shape, "svd")
         forward = back = state_bases = 0
         loads = np.zeros(256)
         counts = np.zeros(256, int)
         for g in groups:
-            m, n, k = g.key[:3]
-            rows = math.prod(mesh_shape[a] for a in g.key[4].rows)
+            m, n, k = g.key.m, g.key.n, g.key.k
+            rows = math.prod(mesh_shape[a] for a in g.key.layout.rows)
             forward += 256 * g.per_owner * (m * n // 256) * 4  # one slot per owner and c
             back += 256 * g.per_owner * (m // rows) * k * 4
             state_bases += sum(1 for t in g.slots if t is not None) * (m // rows) * k * 4

@@ -22,7 +22,8 @@ import statistics
 import optax
 
 import fira_optax as fo
-from tests import _sparse
+from fira_optax import _testing
+from tests import _sparse  # the official PyTorch runs
 
 
 def main() -> None:
@@ -37,13 +38,13 @@ def main() -> None:
     projected = {"w1": True, "w2": True}
     low_rank = dict(rank=args.rank, update_proj_gap=args.gap)
     runs = {
-        "fo.fira": lambda seed: _sparse.train(
+        "fo.fira": lambda seed: _testing.sparse_train(
             fo.fira(args.lr, projected=projected, **low_rank), seed, args.steps
         ),
-        "fo.galore": lambda seed: _sparse.train(
+        "fo.galore": lambda seed: _testing.sparse_train(
             fo.galore(args.lr, projected=projected, **low_rank), seed, args.steps
         ),
-        "optax.adam": lambda seed: _sparse.train(optax.adam(args.lr), seed, args.steps),
+        "optax.adam": lambda seed: _testing.sparse_train(optax.adam(args.lr), seed, args.steps),
         "official FiraAdamW": lambda seed: _sparse.train_torch(
             "fira", seed, args.steps, lr=args.lr, **low_rank
         ),

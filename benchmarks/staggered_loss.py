@@ -1,6 +1,6 @@
 """Official vs staggered refresh schedule on the example's tiny LLaMA: the loss difference.
 
-    .venv/bin/python benchmarks/staggered_loss.py [--config tiny] [--steps N] [--gap T]
+    .venv/bin/python -m benchmarks.staggered_loss [--config tiny] [--steps N] [--gap T]
 
 Builds the model, data and schedule of `examples/llama_pretrain` (the preset's settings,
 Shakespeare) and trains it with `fo.fira` exactly as the example's `make_optimizer` does,
@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import numpy as np
@@ -90,7 +87,7 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=None)
     parser.add_argument("--seeds", default=None, help="comma-separated (default: the preset's)")
     args = parser.parse_args()
-    cfg = configs.get_config(args.config)
+    cfg = configs.preset(args.config)
     if args.steps:
         cfg = dataclasses.replace(cfg, num_train_steps=args.steps)
     if args.gap:

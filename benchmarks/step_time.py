@@ -25,10 +25,10 @@ of them alike and the ratios stay meaningful on a shared machine.
 
 Usage::
 
-    python benchmarks/step_time.py --sizes 60m,130m --rounds 30
-    python benchmarks/step_time.py --smoke          # tiny shapes, 3 rounds, < 60 s (CI)
-    python benchmarks/step_time.py --no-torch       # JAX only (GPU machine)
-    python benchmarks/step_time.py --train-step     # + forward/backward/update (examples model)
+    python -m benchmarks.step_time --sizes 60m,130m --rounds 30
+    python -m benchmarks.step_time --smoke          # tiny shapes, 3 rounds, < 60 s (CI)
+    python -m benchmarks.step_time --no-torch       # JAX only (GPU machine)
+    python -m benchmarks.step_time --train-step     # + forward/backward/update (examples model)
 """
 
 from __future__ import annotations
@@ -38,13 +38,9 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -421,7 +417,7 @@ def bench_train_step(args) -> str | None:
         print(f"--train-step skipped: examples.llama_pretrain unavailable ({e!r})")
         return None
     preset = "micro" if args.smoke else args.train_config
-    base = configs.get_config(preset)
+    base = configs.preset(preset)
     batch = 2 if args.smoke else args.train_batch
     base = dataclasses.replace(base, batch_size=batch, dtype="float32")
     runners: dict[str, Callable[[], float]] = {}

@@ -1,6 +1,7 @@
 """The divided refresh on 8 CPU devices vs the single-device refresh (run as a subprocess).
 
-`python tests/_distributed_check.py method:schedule:layout ...` prints one JSON line per case:
+`python -m tests._distributed_check method:schedule:layout ...` (from the repository root)
+prints one JSON line per case:
 
 - `basis_max_abs`: the largest `|sharded − single|` of any basis entry after any of the steps
   (the bases are orthonormal, entries ≤ 1), both runs fed the same gradients;
@@ -18,7 +19,7 @@
   the normal step);
 - `shardings_kept`: every state leaf keeps the sharding `fo.optimizer_state_shardings` asks.
 
-The tree: the small LLaMA of `_sharded_check.py` (stacked `(L, m, n)` kernels) plus a 2-D
+The tree: the small LLaMA of `fira_optax._testing` (stacked `(L, m, n)` kernels) plus a 2-D
 kernel and a multi-head `(d, heads, head_dim)` kernel. For the randomized refresh the
 gradients have a clear spectral gap at the rank (rank-16 signal, distinct singular values,
 1e-3 noise): there the top-k subspace is well determined and the two runs must agree to
@@ -28,44 +29,34 @@ noise, round-off rotates those vectors freely from one warm-started refresh to t
 
 from __future__ import annotations
 
-import os
-
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import collections
 import json
-import re
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import _sharded_check as sc
-
 import fira_optax as fo
+from fira_optax import _testing as tu
 
-RANK, GAP, STEPS = sc.RANK, sc.GAP, sc.STEPS  # refreshes at steps 1, 4, 7 (official)
-DATA, MODEL = sc.DATA, sc.MODEL
+tu.request_host_devices(8)
+
+RANK, GAP, STEPS = tu.LLAMA_RANK, tu.LLAMA_GAP, tu.LLAMA_STEPS  # refreshes at 1, 4, 7 (official)
+DATA, MODEL = tu.DATA, tu.MODEL
 
 
 def shapes() -> dict:
-    tree = sc.llama_shapes()
-    tree["adapter"] = (sc.D, sc.F)  # a plain 2-D kernel
-    tree["cross_attn"] = {"query": {"kernel": (sc.D, 4, 16)}}  # d × heads·head_dim
+    tree = tu.llama_shapes()
+    tree["adapter"] = (tu.LLAMA_D, tu.LLAMA_F)  # a plain 2-D kernel
+    tree["cross_attn"] = {"query": {"kernel": (tu.LLAMA_D, 4, 16)}}  # d × heads·head_dim
     return tree
 
 
 def layouts() -> dict[str, dict]:
-    out = sc.layouts()
+    out = tu.llama_layouts()
     extra = {
         "fsdp": {"adapter": P((DATA, MODEL), None), "kernel": P((DATA, MODEL), None, None)},
         "tp": {"adapter": P(None, MODEL), "kernel": P(None, MODEL, None)},
@@ -78,21 +69,19 @@ def layouts() -> dict[str, dict]:
     return out
 
 
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
 def gradients(step: int, gapped: bool) -> dict:
-    """`_sharded_check`'s rank-8-plus-noise gradients, or (`gapped`) per projected matrix a
+    """`_testing.llama_gradients`' rank-8-plus-noise gradients, or (`gapped`) per projected matrix a
     rank-16 signal with singular values 4 … 1 plus 1e-3 noise."""
+    if not gapped:
+        return tu.llama_gradients(step, shapes(), seed=2000)
     rng = np.random.default_rng(2000 + step)
-    tree = jax.tree.map(lambda s: np.zeros(s, np.float32), shapes(), is_leaf=_is_shape)
+    tree = tu.llama_params(shapes())
     plans = fo.ProjectionSpec(RANK).flat_plans(tree)
     leaves, treedef = jax.tree.flatten(tree)
     out = []
     for leaf, plan in zip(leaves, plans, strict=True):
-        if not gapped or plan is None:
-            out.append(sc.low_rank_plus_noise(rng, leaf.shape))
+        if plan is None:
+            out.append(tu.low_rank_plus_noise(rng, leaf.shape))
             continue
         batch, m, n = plan.batch_shape, plan.view.m, plan.view.n
         r = min(RANK, m, n)
@@ -105,10 +94,7 @@ def gradients(step: int, gapped: bool) -> dict:
 
 
 def init_params() -> dict:
-    rng = np.random.default_rng(0)
-    return jax.tree.map(
-        lambda s: (0.02 * rng.standard_normal(s)).astype(np.float32), shapes(), is_leaf=_is_shape
-    )
+    return tu.llama_params(shapes())
 
 
 def make_tx(method: str, schedule: str, shardings=None):
@@ -126,25 +112,6 @@ def make_tx(method: str, schedule: str, shardings=None):
 # ----------------------------------------------------------------------------------------------
 # HLO: collectives of the refresh / non-refresh branch.
 
-_ARRAY = re.compile(r"(pred|s32|u32|f32|bf16|f16|s8|u8)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
-
-
-def arrays(shape_text: str) -> list[tuple[str, int]]:
-    """(dtype, elements) of every array in an HLO shape (a tuple or one array)."""
-    out = []
-    for dtype, dims in _ARRAY.findall(shape_text):
-        out.append((dtype, int(np.prod([int(d) for d in dims.split(",") if d]))))
-    return out
-
-
-def collectives(hlo: str, branch: int) -> collections.Counter:
-    """`(kind, shape text)` counts reachable from ENTRY, taking `branch` at conditionals."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import sharding_hlo as sh
-
-    return sh.reachable(hlo, branch)
-
 
 def summary(counter: collections.Counter) -> dict:
     """The widest all-gathered matrix (the smaller of an array's last two dimensions: the
@@ -153,9 +120,8 @@ def summary(counter: collections.Counter) -> dict:
     for (kind, shape), count in counter.items():
         if kind not in ("all-gather", "all-to-all"):
             continue
-        for dtype, dims in _ARRAY.findall(shape):
-            dims = [int(d) for d in dims.split(",") if d]
-            moved += count * _BYTES[dtype] * int(np.prod(dims))
+        moved += count * tu.hlo_bytes(shape)
+        for _, dims in tu.hlo_arrays(shape):
             if kind == "all-gather" and len(dims) >= 2:
                 widest = max(widest, min(dims[-2:]))
     return {"all_gather_width": widest, "moved_bytes": moved}
@@ -168,7 +134,7 @@ def run(method: str, schedule: str, layout: str) -> dict:
     """One case; `layout` `NAME+unit`: the mesh gains a leading size-1 axis no spec names
     (as a `data=1` axis of a `data × fsdp × tensor` mesh)."""
     name, unit = layout.removesuffix("+unit"), layout.endswith("+unit")
-    mesh = sc.make_mesh()
+    mesh = tu.llama_mesh()
     if unit:
         mesh = Mesh(mesh.devices.reshape(1, *mesh.devices.shape), ("unit", *mesh.axis_names))
     gapped = method == "randomized"
@@ -177,7 +143,7 @@ def run(method: str, schedule: str, layout: str) -> dict:
 
     def compiled(tx, params, state_sh):
         step = jax.jit(
-            sc.make_step(tx),
+            tu.train_step(tx),
             in_shardings=(param_sh, state_sh, param_sh),
             out_shardings=(param_sh, param_sh, state_sh),
         )
@@ -189,7 +155,7 @@ def run(method: str, schedule: str, layout: str) -> dict:
     tx1 = make_tx(method, schedule)
     params1 = jax.device_put(init_params(), dev)
     state1 = tx1.init(params1)
-    step1 = jax.jit(sc.make_step(tx1))
+    step1 = jax.jit(tu.train_step(tx1))
 
     # 8 devices, divided.
     tx8 = make_tx(method, schedule, param_sh)
@@ -206,28 +172,30 @@ def run(method: str, schedule: str, layout: str) -> dict:
     )
     hlo_old = step_old.lower(params8, state_old, grads0).compile().as_text()
 
-    new_refresh, old_refresh = summary(collectives(hlo, 1)), summary(collectives(hlo_old, 1))
+    new_refresh, old_refresh = summary(tu.collectives(hlo, 1)), summary(tu.collectives(hlo_old, 1))
 
     def data(counter):  # the collectives that move numbers (not the bool due / flag checks)
         return collections.Counter(
-            {k: v for k, v in counter.items() if any(d != "pred" for d, _ in arrays(k[1]))}
+            {k: v for k, v in counter.items() if any(d != "pred" for d, _ in tu.hlo_arrays(k[1]))}
         )
 
-    normal_new, normal_old = data(collectives(hlo, 0)), data(collectives(hlo_old, 0))
+    normal_new, normal_old = data(tu.collectives(hlo, 0)), data(tu.collectives(hlo_old, 0))
 
     worst, refreshes, bad = 0.0, 0, []
     want = jax.tree.leaves(state_sh)
     for t in range(STEPS):
         g = gradients(t, gapped)
-        before = jax.tree.leaves(state1[0][0].bases)
+        before = jax.tree.leaves(optax.tree_utils.tree_get(state1, "bases"))
         params1, _, state1 = step1(params1, state1, jax.device_put(g, dev))
         params8, _, state8 = step8(params8, state8, jax.device_put(g, param_sh))
-        after = jax.tree.leaves(state1[0][0].bases)
+        after = jax.tree.leaves(optax.tree_utils.tree_get(state1, "bases"))
         for a, b in zip(before, after, strict=True):
             a, b = np.asarray(a), np.asarray(b)
             changed = np.any(a != b, axis=(-2, -1))
             refreshes += int(np.sum(changed))
-        for a, b in zip(after, jax.tree.leaves(state8[0][0].bases), strict=True):
+        for a, b in zip(
+            after, jax.tree.leaves(optax.tree_utils.tree_get(state8, "bases")), strict=True
+        ):
             worst = max(worst, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
         for x, s in zip(jax.tree.leaves(state8), want, strict=True):
             if not x.sharding.is_equivalent_to(s, x.ndim):

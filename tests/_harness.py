@@ -1,125 +1,13 @@
-"""Shared test helpers: gradient sequences, running fira_optax, the error metric (parity tests);
-running an 8-device check script in a subprocess (sharding tests)."""
+"""The parity harness: running fira_optax on a gradient sequence (`run_ours`), the per-step
+learning rates, the error metric. The gradient sequences are `fira_optax._testing`'s
+(`make_problem`)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
-
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # script mode / plain `pytest` without an installed package
-    sys.path.insert(0, str(_ROOT))
-
-from _numpy_reference import canonical_basis  # noqa: E402
-
-# Step-1 conditioning: Adam's first step is N = 0.1 R / (0.0316 |R| + eps), i.e. ~sign(R). An
-# entry |R| ~ 1e-5 makes N hypersensitive to float32 rounding of R = P^T G (a property of
-# float32 Adam, not of Fira/GaLore), so we reject gradient draws whose projected step-1 gradient
-# (for both sides and the full basis, which contains every k <= min(m, n)) has such an entry.
-# With the O(1) gradients below, |R| >= 3e-4 keeps this effect under ~5e-6 of the displacement
-# (about 1 draw in 8 passes; the draws are cheap and deterministic).
-_MIN_ABS_ENTRY = 3e-4
-NOISE = 0.005  # isotropic noise on top of the designed spectrum (see matrix_gradients)
-
-
-def _first_step_ok(G: np.ndarray) -> bool:
-    G = np.asarray(G, dtype=np.float64)
-    k = min(G.shape)
-    for side in ("left", "right"):
-        P = canonical_basis(G, k, side)
-        R = P.T @ G if side == "left" else G @ P.T
-        if np.abs(R).min() < _MIN_ABS_ENTRY:
-            return False
-    return True
-
-
-def matrix_gradients(m: int, n: int, steps: int, seed: int) -> list[np.ndarray]:
-    """Realistic float32 gradient sequence for one m x n matrix.
-
-    G_t = U_t diag(s) V_t^T + NOISE * noise, with U_t, V_t orthonormalised perturbations of fixed
-    random frames (so the dominant subspace drifts over steps) and a spectrum made of 4 dominant
-    directions (6 .. 3) plus a decaying tail (2 .. 0.5) instead of an isotropic noise floor: the
-    tail keeps the singular gaps at ~0.04 or more (an isotropic noise floor of 0.02 already
-    shrinks some to ~0.005), so the bases -- including the full-rank ones used by the
-    rank >= min(m, n) cases -- are well defined in float32 and two SVD implementations
-    (LAPACK via torch, XLA via JAX) agree on them to ~1e-5.
-    Seeds are advanced deterministically until the step-1 gradient is well conditioned (above).
-    """
-    d = min(m, n)
-    r0 = min(4, d)
-    s = np.concatenate([np.linspace(6.0, 3.0, r0), np.linspace(2.0, 0.5, d - r0)])
-    for attempt in range(1000):
-        rng = np.random.default_rng([seed, attempt])
-        U0 = rng.standard_normal((m, d))
-        V0 = rng.standard_normal((n, d))
-        out = []
-        for t in range(steps):
-            U = np.linalg.qr(U0 + 0.2 * rng.standard_normal((m, d)))[0]
-            V = np.linalg.qr(V0 + 0.2 * rng.standard_normal((n, d)))[0]
-            G = (U * s) @ V.T + NOISE * rng.standard_normal((m, n))
-            out.append(G.astype(np.float32))
-            if t == 0 and not _first_step_ok(out[0]):
-                break
-        else:
-            return out
-    raise RuntimeError("could not draw a well-conditioned gradient sequence")
-
-
-def leaf_gradients(shape: tuple[int, ...], steps: int, seed: int) -> list[np.ndarray]:
-    """Gradients for a leaf of any shape; >= 2-D leaves are stacks of independent matrices."""
-    if len(shape) < 2:
-        rng = np.random.default_rng([seed, 7])
-        base = rng.standard_normal(shape)
-        gs = [base + 0.5 * rng.standard_normal(shape) for _ in range(steps)]
-        return [g.astype(np.float32) for g in gs]
-    m, n = shape[-2:]
-    count = int(np.prod(shape[:-2], dtype=np.int64))
-    per = [matrix_gradients(m, n, steps, seed * 1000 + i) for i in range(count)]
-    return [np.stack([p[t] for p in per]).reshape(shape) for t in range(steps)]
-
-
-def make_problem(
-    shapes: Mapping[str, tuple[int, ...]],
-    steps: int,
-    seed: int,
-    spike: tuple | None = None,
-) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
-    """Initial weights and per-step gradients for named leaves.
-
-    ``spike=(t, factor)`` or ``(t, factor, "scale")`` multiplies every gradient of step t
-    (0-based) by ``factor``. ``(t, factor, "burst")`` instead adds an isotropic Gaussian burst
-    of ``factor`` times the gradient's RMS entry: unlike a pure rescaling (which Fira's
-    phi = ||N|| / ||R|| largely cancels), a burst mostly lands outside the low-rank subspace
-    and makes the residual norm jump, which is what the norm-growth limiter guards against.
-    """
-    w0 = {}
-    grads: list[dict[str, np.ndarray]] = [{} for _ in range(steps)]
-    for i, (name, shape) in enumerate(shapes.items()):
-        rng = np.random.default_rng([seed, 100 + i])
-        w0[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-        for t, g in enumerate(leaf_gradients(shape, steps, seed * 100 + i)):
-            grads[t][name] = g
-    if spike is not None:
-        t_spike, factor, *mode = spike
-        mode = mode[0] if mode else "scale"
-        rng = np.random.default_rng([seed, 999])
-        new = {}
-        for k, v in grads[t_spike].items():
-            if mode == "scale":
-                new[k] = v * np.float32(factor)
-            elif mode == "burst":
-                rms = np.sqrt(np.mean(np.square(v, dtype=np.float64)))
-                new[k] = (v + factor * rms * rng.standard_normal(v.shape)).astype(np.float32)
-            else:
-                raise ValueError(mode)
-        grads[t_spike] = new
-    return w0, grads
 
 
 def learning_rates(learning_rate: float | Callable, steps: int) -> list[float]:
@@ -225,36 +113,3 @@ def relative_errors(
         )
         out[name] = float(err / disp)
     return out
-
-
-def device_check_env() -> dict[str, str]:
-    """The environment of an 8-device check subprocess: one BLAS thread, the CPU platform, and
-    this process's XLA_FLAGS (e.g. `--xla_cpu_max_isa`, which picks the vector code) without a
-    host device count: the child appends its own `--xla_force_host_platform_device_count`."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
-    flags = [
-        flag
-        for flag in env.pop("XLA_FLAGS", "").split()
-        if not flag.startswith("--xla_force_host_platform_device_count")
-    ]
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
-    return env
-
-
-def run_device_jobs(script: Path, *jobs: str, timeout: float = 900) -> list[dict]:
-    """Runs `python script JOB ...` (a check that requests its host devices itself, before
-    importing jax, on top of this process's other XLA_FLAGS) and returns the JSON lines it
-    prints; its stderr tail on failure."""
-    try:
-        out = subprocess.run(
-            [sys.executable, str(script), *jobs],
-            env=device_check_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=True,
-        )
-    except subprocess.CalledProcessError as e:
-        raise AssertionError(e.stderr[-4000:]) from e
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -1,57 +1,24 @@
-"""Small shared problems and optimizer factories for the test suite."""
+"""The optimizers of the contract suite (`OPTIMIZERS`) and the building-block chain; the
+problems are `fira_optax._testing`'s (`matrix_problem`)."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 import fira_optax as fo
 
 
-def matrix_problem(dtype=jnp.float32, seed: int = 0):
-    """A least-squares problem on a dict of matrices (projected) and a bias (not projected).
-
-    Returns `(params, loss_fn)`; the minimum loss is 0.
-    """
-    rng = np.random.default_rng(seed)
-    target = {
-        "w1": rng.normal(size=(24, 12)),
-        "w2": rng.normal(size=(12, 20)),
-        "stack": rng.normal(size=(2, 10, 8)),
-        "bias": rng.normal(size=(20,)),
-    }
-    target = jax.tree.map(lambda x: jnp.asarray(x, dtype), target)
-    params = jax.tree.map(lambda t: jnp.asarray(0.3 * rng.normal(size=t.shape), dtype), target)
-    x = jnp.asarray(rng.normal(size=(32, 24)), dtype)
-    z = jnp.asarray(rng.normal(size=(32, 10)), dtype)
-
-    def predict(p):
-        return (x @ p["w1"]) @ p["w2"] + p["bias"][None, :], jnp.einsum(
-            "bi,lij->lbj", z, p["stack"]
-        )
-
-    def loss_fn(p):
-        ya, yb = predict(p)
-        ta, tb = predict(target)
-        return jnp.mean(jnp.square(ya - ta).astype(jnp.float32)) + jnp.mean(
-            jnp.square(yb - tb).astype(jnp.float32)
-        )
-
-    return params, loss_fn
-
-
 def block_chain(rank, update_proj_gap, scale, proj_type="std", limiter=True, residual=True):
     """The building-block chain (no learning rate, no weight decay)."""
+    spec = fo.ProjectionSpec(rank, proj_type)
     blocks = [
-        fo.project(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type),
-        fo.scale_by_low_rank_adam(b1=0.9, b2=0.999, eps=1e-6, rank=rank, proj_type=proj_type),
+        fo.project(spec, update_proj_gap=update_proj_gap, scale=scale),
+        fo.scale_by_low_rank_adam(spec, b1=0.9, b2=0.999, eps=1e-6),
     ]
     if residual:
         blocks.append(fo.norm_scale_residual())
         if limiter:
-            blocks.append(fo.limit_norm_growth(gamma=1.01))
+            blocks.append(fo.limit_norm_growth(spec, gamma=1.01))
     blocks.append(fo.project_back())
     return optax.chain(*blocks)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _harness import learning_rates, make_problem, relative_errors, run_ours
+from _harness import learning_rates, relative_errors, run_ours
 from _official import projection_recorder, replay_refresh, run_official
 
 import fira_optax as fo
@@ -31,6 +31,7 @@ from fira_optax import _apollo
 from fira_optax._limiter import residual_norm
 from fira_optax._node import is_low_rank
 from fira_optax._shapes import side_for
+from fira_optax._testing import make_problem, state_bytes
 
 TOL = 1e-4
 STEPS = 24
@@ -311,7 +312,9 @@ Z = 5.0
 
 
 def _random_bases(seed: int, steps: int, grad_seed: int = 0) -> list[dict]:
-    tx = fo.project(RANDOM_RANK, update_proj_gap=GAP, refresh="random", seed=seed)
+    tx = fo.project(
+        fo.ProjectionSpec(RANDOM_RANK), update_proj_gap=GAP, refresh="random", seed=seed
+    )
     params = {name: jnp.zeros(shape) for name, shape in RANDOM_SHAPES.items()}
     state = tx.init(params)
     update = jax.jit(lambda g, s: tx.update(g, s)[1])  # the state (the nodes are no arrays)
@@ -420,9 +423,9 @@ def test_scale_by_apollo_is_the_block_chain():
     chain = optax.chain(
         optax.chain(
             fo.project(spec=spec, update_proj_gap=GAP, refresh="random", seed=3),
-            fo.scale_by_low_rank_adam(spec=spec),
+            fo.scale_by_low_rank_adam(spec),
             fo.norm_scale_gradient("tensor", scale=8.0, scale_front=True),
-            fo.limit_norm_growth(1.05, spec=spec),
+            fo.limit_norm_growth(spec, 1.05),
             fo.project_back(),
         ),
         fo.scale_by_learning_rate_and_decay(1e-2),
@@ -489,14 +492,14 @@ def test_limiter_norm_is_the_norm_of_the_scaled_gradient(scale_type, factor):
     rng = np.random.default_rng(3)
     g = jnp.asarray(rng.normal(size=(2, 16, 24)), jnp.float32)
     chain = optax.chain(
-        fo.project(rank=4, refresh="random", projected={"w": True}),
-        fo.scale_by_low_rank_adam(rank=4, projected={"w": True}),
+        fo.project(fo.ProjectionSpec(4, projected={"w": True}), refresh="random"),
+        fo.scale_by_low_rank_adam(fo.ProjectionSpec(4, projected={"w": True})),
         fo.norm_scale_gradient(scale_type),
     )
     node, _ = chain.update({"w": g}, chain.init({"w": g}))
     node = node["w"].replace(grad=g * factor)
     assert is_low_rank(node) and not node.back_projected
-    phi = np.asarray(node.residual_scale, np.float64)
+    phi = np.asarray(node.phi, np.float64)
     exact = np.linalg.norm(phi * np.asarray(node.grad, np.float64), axis=(-2, -1))
     assert np.all(np.isfinite(exact))
     np.testing.assert_allclose(residual_norm(node), exact, rtol=2e-6)
@@ -517,13 +520,15 @@ def test_norm_scale_gradient_order_and_arguments_are_checked():
     params = {"w": jnp.ones((16, 8))}
     mask = {"w": True}
     before_adam = optax.chain(
-        fo.project(rank=2, projected=mask), fo.norm_scale_gradient(), fo.project_back()
+        fo.project(fo.ProjectionSpec(2, projected=mask)),
+        fo.norm_scale_gradient(),
+        fo.project_back(),
     )
     with pytest.raises(ValueError, match="norm_scale_gradient: leaf 'w' has no direction"):
         before_adam.update(params, before_adam.init(params))
     twice = optax.chain(
-        fo.project(rank=2, projected=mask),
-        fo.scale_by_low_rank_adam(rank=2, projected=mask),
+        fo.project(fo.ProjectionSpec(2, projected=mask)),
+        fo.scale_by_low_rank_adam(fo.ProjectionSpec(2, projected=mask)),
         fo.norm_scale_gradient(),
         fo.norm_scale_residual(),
         fo.project_back(),
@@ -558,11 +563,6 @@ def test_inside_multi_transform_follows_the_whole_tree_run():
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
-def _state_bytes(tx, params) -> int:
-    state = jax.eval_shape(tx.init, params)
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
-
-
 @pytest.mark.parametrize("rank", [1, 8])
 @pytest.mark.parametrize("limiter", [True, False])
 def test_state_bytes_at_rank(rank, limiter):
@@ -588,8 +588,8 @@ def test_state_bytes_at_rank(rank, limiter):
         kept, other = (n, m) if m >= n else (m, n)  # std: right if tall/square else left
         expected += 4 * (rank * kept + 2 * rank * other + 1 + int(limiter))
     expected += 4 * 2 * d + 4 * (3 + int(limiter))
-    assert _state_bytes(tx, params) == expected
-    assert _state_bytes(tx, params) < _state_bytes(optax.adamw(1e-2), params) / 4
+    assert state_bytes(tx, params) == expected
+    assert state_bytes(tx, params) < state_bytes(optax.adamw(1e-2), params) / 4
 
 
 @pytest.mark.parametrize("name", ["apollo", "apollo_mini"])

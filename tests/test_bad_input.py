@@ -1,11 +1,13 @@
 """Bad input and misuse fail early (construction, init or trace time) with a clear error that
 names the problem and the fix: bad hyper-parameters, structural arguments traced under
 `optax.inject_hyperparams`, misordered blocks, a forgotten `project_back` under `jit`, integer
-leaves selected for projection; and what an overflowing gradient spike does, with its guard."""
+leaves selected for projection; and the hyper-parameters as users pass them (NumPy / JAX
+scalars, `inject_hyperparams`). Faults at run time (spikes, idle matrices): `test_faults.py`."""
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -25,6 +27,18 @@ PARAMS = {"attn": {"q": jnp.ones((8, 6))}, "norm": {"scale": jnp.ones(6)}}
         (dict(rank=4, proj_type="full"), "proj_type='full'"),
         (dict(rank=4, update_proj_gap=0), "update_proj_gap must be positive"),
         (dict(rank=4, refresh="qr"), "Unknown refresh 'qr'"),
+        # As configs pass them: NumPy / JAX scalars, bools, floats where an integer goes.
+        (dict(rank=4, update_proj_gap=2**31), "update_proj_gap must be at most"),
+        (dict(rank=4, update_proj_gap=np.int64(0)), "update_proj_gap must be positive"),
+        (dict(rank=4, update_proj_gap=2.0), "update_proj_gap must be a positive integer"),
+        (dict(rank=np.float32(4.0)), "rank must be a positive integer"),
+        (dict(rank=True), "rank must be a positive integer"),
+        (dict(rank=4, scale=-1.0), "scale must be a finite number > 0"),
+        (dict(rank=4, scale=0.0), "scale must be a finite number > 0"),
+        (dict(rank=4, scale=float("nan")), "scale must be a finite number > 0"),
+        (dict(rank=4, scale=float("inf")), "scale must be a finite number > 0"),
+        (dict(rank=4, scale=np.float32(-0.5)), "scale must be a finite number > 0"),
+        (dict(rank=4, scale=jnp.asarray(-0.5)), "scale must be a finite number > 0"),
     ],
 )
 def test_bad_hyperparameters_fail_at_construction(factory, kwargs, match):
@@ -32,11 +46,14 @@ def test_bad_hyperparameters_fail_at_construction(factory, kwargs, match):
         factory(1e-2, **kwargs)
 
 
-def test_gamma_below_one_fails():
+@pytest.mark.parametrize("gamma", [0.99, jnp.asarray(0.5), float("nan")], ids=str)
+def test_gamma_below_one_fails(gamma):
     with pytest.raises(ValueError, match="gamma must be a finite number >= 1"):
-        fo.fira(1e-2, 4, gamma=0.99)
+        fo.fira(1e-2, 4, gamma=gamma)
     with pytest.raises(ValueError, match="gamma must be a finite number >= 1"):
         fo.limit_norm_growth(gamma=0.5)
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 1"):
+        fo.limit_norm_growth(fo.ProjectionSpec(4), 0.5)
 
 
 def test_one_dimensional_leaf_selected_as_projected_names_the_leaf():
@@ -57,21 +74,23 @@ def test_mask_tree_that_does_not_match_params():
 
 def test_chain_with_mismatched_rank_fails_at_trace_time_naming_the_leaf():
     chain = optax.chain(
-        fo.project(rank=4, update_proj_gap=10),
-        fo.scale_by_low_rank_adam(rank=2),
+        fo.project(fo.ProjectionSpec(rank=4), update_proj_gap=10),
+        fo.scale_by_low_rank_adam(fo.ProjectionSpec(rank=2)),
         fo.project_back(),
     )
     state = chain.init(PARAMS)
-    with pytest.raises(
-        ValueError, match=r"leaf 'attn/q'.*same spec.*same rank, proj_type, projected"
-    ):
+    with pytest.raises(ValueError, match=r"leaf 'attn/q'.*the spec given to project\(\)"):
         jax.jit(chain.update)(PARAMS, state)
 
 
 def test_chain_with_mismatched_projected_fails_naming_the_leaf():
     chain = optax.chain(
-        fo.project(rank=4, projected=lambda p: jax.tree.map(lambda x: x.ndim == 2, p)),
-        fo.scale_by_low_rank_adam(rank=4, projected=lambda p: jax.tree.map(lambda x: False, p)),
+        fo.project(
+            fo.ProjectionSpec(4, projected=lambda p: jax.tree.map(lambda x: x.ndim == 2, p))
+        ),
+        fo.scale_by_low_rank_adam(
+            fo.ProjectionSpec(4, projected=lambda p: jax.tree.map(lambda x: False, p))
+        ),
         fo.project_back(),
     )
     with pytest.raises(ValueError, match=r"'attn/q' receives a low-rank gradient"):
@@ -80,8 +99,8 @@ def test_chain_with_mismatched_projected_fails_naming_the_leaf():
 
 def test_limiter_without_residual_fails():
     chain = optax.chain(
-        fo.project(rank=4),
-        fo.scale_by_low_rank_adam(rank=4),
+        fo.project(fo.ProjectionSpec(rank=4)),
+        fo.scale_by_low_rank_adam(fo.ProjectionSpec(rank=4)),
         fo.limit_norm_growth(),
         fo.project_back(),
     )
@@ -141,16 +160,65 @@ def test_projected_function_taken_for_a_schedule_names_static_args():
 
 
 # ----------------------------------------------------------------------------------------------
+# Hyper-parameters as users pass them (YAML / NumPy configs, inject_hyperparams).
+
+
+@pytest.mark.parametrize("rank", [np.int64(8), np.int32(8), jnp.int32(8), 8])
+def test_integer_like_rank_and_gap(rank):
+    """NumPy / JAX integers pass as Python integers."""
+    tx = fo.fira(1e-2, rank, update_proj_gap=np.int64(5))
+    params = {"w": jnp.ones((32, 16))}
+    state = tx.init(params)
+    assert optax.tree_utils.tree_get(state, "bases")["w"].shape == (8, 16)
+    spec = fo.ProjectionSpec(rank)
+    assert type(spec.rank) is int and spec.rank == 8
+
+
+def test_traced_hyperparameters_are_not_checked():
+    """Under inject_hyperparams inside jit, scale/gamma are tracers: no check, no error."""
+    tx = optax.inject_hyperparams(fo.fira, static_args=("rank", "update_proj_gap"))(
+        learning_rate=1e-2, rank=4, scale=0.5, gamma=1.02
+    )
+    params = {"w": jnp.ones((16, 8)) + jnp.eye(16, 8)}
+    updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+    chex.assert_tree_all_finite(updates)
+
+
+@pytest.mark.parametrize("factory", [fo.fira, fo.galore])
+def test_inject_hyperparams_without_params(factory):
+    """weight_decay left at its default: no params needed (it was an injected 0.0 array)."""
+    tx = optax.inject_hyperparams(factory, static_args=("rank", "update_proj_gap"))(
+        learning_rate=1e-2, rank=8
+    )
+    params = {"w": jax.random.normal(jax.random.key(0), (32, 16)), "b": jnp.ones(16)}
+    state = tx.init(params)
+    for _ in range(2):
+        updates, state = jax.jit(tx.update)(params, state)
+    chex.assert_tree_all_finite(updates)
+    # With a (traced) weight decay the error names the fix.
+    tx = optax.inject_hyperparams(factory, static_args=("rank", "update_proj_gap"))(
+        learning_rate=1e-2, rank=8, weight_decay=0.0
+    )
+    with pytest.raises(ValueError, match="static_args"):
+        jax.jit(tx.update)(params, tx.init(params))
+    # Listed as static, a zero weight decay needs no params.
+    tx = optax.inject_hyperparams(factory, static_args=("rank", "update_proj_gap", "weight_decay"))(
+        learning_rate=1e-2, rank=8, weight_decay=0.0
+    )
+    jax.jit(tx.update)(params, tx.init(params))
+
+
+# ----------------------------------------------------------------------------------------------
 # The fira_optax blocks in the wrong order.
 
 
 def _misordered(*middle):
     spec = fo.ProjectionSpec(4)
     blocks = {
-        "adam": fo.scale_by_low_rank_adam(spec=spec),
-        "in_subspace": fo.in_subspace(optax.scale_by_rms(), spec=spec),
+        "adam": fo.scale_by_low_rank_adam(spec),
+        "in_subspace": fo.in_subspace(spec, optax.scale_by_rms()),
         "residual": fo.norm_scale_residual(),
-        "limiter": fo.limit_norm_growth(spec=spec),
+        "limiter": fo.limit_norm_growth(spec),
     }
     return optax.chain(fo.project(spec=spec), *(blocks[b] for b in middle), fo.project_back())
 
@@ -209,7 +277,8 @@ def test_well_ordered_blocks_pass(middle):
 
 
 def test_forgotten_project_back_under_jit_names_the_leaf_and_project_back():
-    tx = optax.chain(fo.project(4), fo.scale_by_low_rank_adam(rank=4))
+    spec = fo.ProjectionSpec(4)
+    tx = optax.chain(fo.project(spec), fo.scale_by_low_rank_adam(spec))
     state = tx.init(PARAMS)
     with pytest.raises(
         TypeError,
@@ -234,8 +303,9 @@ INT_PARAMS = {
 
 
 def test_integer_and_bool_leaves_are_not_projected_by_default():
-    assert fo.projected_mask(INT_PARAMS, rank=4) == {"w": True, "steps": False, "flags": False}
-    table = fo.describe_projection(INT_PARAMS, rank=4)
+    spec = fo.ProjectionSpec(rank=4)
+    assert fo.projected_mask(INT_PARAMS, spec) == {"w": True, "steps": False, "flags": False}
+    table = fo.describe_projection(INT_PARAMS, spec)
     assert "1 of 3 leaves projected" in table
     tx = fo.fira(1e-2, 4)
     state = tx.init(INT_PARAMS)
@@ -250,48 +320,67 @@ def test_forcing_an_integer_or_bool_leaf_fails_at_init_naming_leaf_and_dtype(lea
     with pytest.raises(ValueError, match=rf"leaf '{leaf}' has dtype {dtype}.*floating-point"):
         fo.fira(1e-2, 4, projected=projected).init(INT_PARAMS)
     with pytest.raises(ValueError, match=rf"leaf '{leaf}' has dtype {dtype}"):
-        fo.projected_mask(INT_PARAMS, projected)
+        fo.projected_mask(INT_PARAMS, fo.ProjectionSpec(4, projected=projected))
+
+
+@pytest.mark.parametrize("spec", [4, jnp.int32(4)])
+def test_project_given_a_rank_instead_of_a_spec_names_the_spec(spec):
+    with pytest.raises(TypeError, match=r"fo\.ProjectionSpec\(rank=4\)"):
+        fo.project(spec)
+
+
+@pytest.mark.parametrize("keyword", ["rank", "proj_type", "projected", "dimension_numbers"])
+def test_project_takes_the_projection_only_as_a_spec(keyword):
+    with pytest.raises(TypeError, match=keyword):
+        fo.project(fo.ProjectionSpec(4), **{keyword: None})
+    with pytest.raises(TypeError, match=r"fo\.ProjectionSpec\(rank=\.\.\.\)"):
+        fo.project("std")
 
 
 # ----------------------------------------------------------------------------------------------
-# A gradient spike whose square overflows float32, unguarded and guarded.
+# The projection is given to a block as a ProjectionSpec, and only so.
 
 
-def _spike_run(tx, dtype, spike_grad):
-    params = {"w": jnp.ones((64, 256), dtype), "b": jnp.ones(64, dtype)}
-    state, update, out = tx.init(params), jax.jit(tx.update), []
-    for t in range(6):
-        key = jax.random.key(t)
-        grads = jax.tree.map(lambda p, key=key: jax.random.normal(key, p.shape), params)
-        if t == 1:
-            grads = spike_grad(grads)
-        grads = jax.tree.map(lambda g: g.astype(dtype), grads)
-        updates, state = update(grads, state, params)
-        out.append(updates)
-    return out, state
+@pytest.mark.parametrize(
+    "block",
+    [
+        lambda spec: fo.scale_by_low_rank_adam(spec),
+        lambda spec: fo.in_subspace(spec, optax.scale_by_rms()),
+        lambda spec: fo.limit_norm_growth(spec),
+        lambda spec: fo.describe_projection(PARAMS, spec),
+        lambda spec: fo.projected_mask(PARAMS, spec),
+    ],
+    ids=["scale_by_low_rank_adam", "in_subspace", "limit_norm_growth", "describe", "mask"],
+)
+@pytest.mark.parametrize("rank", [4, jnp.int32(4)], ids=["int", "jax"])
+def test_a_rank_where_the_spec_goes_names_projection_spec(block, rank):
+    with pytest.raises(TypeError, match=r"pass fo\.ProjectionSpec\(rank=4\)"):
+        block(rank)
 
 
-def _guarded():
-    return optax.chain(optax.clip_by_global_norm(1.0), fo.fira(1e-2, 8, update_proj_gap=10))
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fo.scale_by_low_rank_adam(rank=4),
+        lambda: fo.scale_by_low_rank_adam(fo.ProjectionSpec(4), spec=fo.ProjectionSpec(4)),
+        lambda: fo.in_subspace(optax.scale_by_rms(), rank=4),
+        lambda: fo.limit_norm_growth(projected={"attn": {"q": True}}),
+        lambda: fo.projected_mask(PARAMS, rank=4),
+        lambda: fo.describe_projection(PARAMS, rank=4),
+    ],
+    ids=["adam_rank", "adam_twice", "in_subspace_rank", "limiter_projected", "mask", "describe"],
+)
+def test_projection_keywords_on_a_block_fail(make):
+    with pytest.raises(TypeError, match="unexpected keyword argument|multiple values"):
+        make()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_overflowing_spike_zeroes_the_matrix_for_good_and_clipping_guards_it(dtype):
-    spike = lambda g: jax.tree.map(lambda x: 1e30 * x, g)
-    # Unguarded: Adam's second moment overflows to inf, so every later update of the matrix
-    # (and of the dense leaf) is exactly zero and finite — apply_if_finite skips nothing.
-    tx = optax.apply_if_finite(fo.fira(1e-2, 8, update_proj_gap=10), max_consecutive_errors=3)
-    out, state = _spike_run(tx, dtype, spike)
-    assert int(state.total_notfinite) == 0
-    for updates in out[2:]:
-        assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
-    is_adam = lambda x: isinstance(x, fo.LowRankAdamState)
-    (adam,) = [s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)]
-    assert bool(jnp.isinf(adam.nu["w"]).all()) and bool(jnp.isinf(adam.nu["b"]).all())
-    # Guarded: clip_by_global_norm turns the spike (its global norm overflows) into an exactly
-    # zero gradient, and training goes on as after a zero-gradient step.
-    clipped, _ = _spike_run(_guarded(), dtype, spike)
-    zeroed, _ = _spike_run(_guarded(), dtype, lambda g: jax.tree.map(jnp.zeros_like, g))
-    chex.assert_trees_all_equal(clipped, zeroed)
-    for updates in clipped[2:]:
-        assert float(jnp.abs(updates["w"].astype(jnp.float32)).mean()) > 1e-4
+def test_a_block_without_its_spec_names_projection_spec():
+    with pytest.raises(TypeError, match=r"spec=fo\.ProjectionSpec\(rank=\.\.\.\)"):
+        fo.scale_by_low_rank_adam(None)
+    with pytest.raises(TypeError, match=r"the spec first.*limit_norm_growth\(fo\.ProjectionSpec"):
+        fo.limit_norm_growth(1.05)
+    with pytest.raises(TypeError, match=r"in_subspace\(spec, base_optimizer\)"):
+        fo.in_subspace(fo.ProjectionSpec(4), "adam")
+    with pytest.raises(ValueError, match=r"the spec needs a rank"):
+        fo.scale_by_low_rank_adam(fo.ProjectionSpec(None))

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _problems import OPTIMIZERS, block_chain, matrix_problem
+from _problems import OPTIMIZERS, block_chain
 from _roundoff import ROUND_OFF, assert_round_off
 
 import fira_optax as fo
+from fira_optax._testing import matrix_problem
 
 NAMES = sorted(OPTIMIZERS)
 
@@ -149,18 +150,32 @@ def test_empty_tree(name):
 
 
 def test_state_is_stable_under_lax_cond():
+    """The state is a `lax.cond` operand: both branches have one structure, shapes and dtypes;
+    the false branch keeps the state bit for bit, the true branch is the plain jitted update's
+    state (another program: float32 round-off), refresh steps included."""
     opt = fo.fira(1e-2, rank=4, update_proj_gap=2)
     params, loss_fn = matrix_problem()
     state = opt.init(params)
+    grads = jax.grad(loss_fn)(params)
 
     @jax.jit
-    def step(params, state, flip):
-        grads = jax.grad(loss_fn)(params)
-        updates, new_state = opt.update(grads, state, params)
-        return jax.lax.cond(flip, lambda: new_state, lambda: state), updates
+    def step(state, flip):
+        _, new_state = opt.update(grads, state, params)
+        return jax.lax.cond(flip, lambda: new_state, lambda: state)
 
-    for flip in (True, False, True):
-        state, _ = step(params, state, flip)
+    plain = jax.jit(lambda state: opt.update(grads, state, params)[1])
+    flips = (True, False, True, True, False)  # refreshes at counts 0 and 2
+    for t, flip in enumerate(flips):
+        out = step(state, flip)
+        chex.assert_trees_all_equal_structs(out, state)
+        chex.assert_trees_all_equal_shapes_and_dtypes(out, state)
+        if flip:
+            assert_round_off(out, plain(state), ROUND_OFF, f"cond(True) at step {t + 1}")
+        else:
+            chex.assert_trees_all_equal(out, state)
+        state = out
+    counts = optax.tree_utils.tree_get_all_with_path(state, "count")
+    assert counts and all(int(count) == sum(flips) for _, count in counts), counts
 
 
 def test_weight_decay_is_applied_after_the_step_on_updated_weights():
@@ -228,8 +243,8 @@ def test_fused_residual_matches_explicit_formula():
         grad = jnp.asarray(rng.normal(size=shape), jnp.float32)
         chain = block_chain(5, 10, 0.3, proj_type=proj_type, limiter=False)
         out, _ = chain.update({"w": grad}, chain.init({"w": grad}), None)
-        state = fo.project(5, 10, 0.3, proj_type).init({"w": grad})
-        nodes, _ = fo.project(5, 10, 0.3, proj_type).update({"w": grad}, state)
+        project = fo.project(fo.ProjectionSpec(5, proj_type), update_proj_gap=10, scale=0.3)
+        nodes, _ = project.update({"w": grad}, project.init({"w": grad}))
         u = nodes["w"]
         r = np.asarray(u.low_rank, np.float64)
         p = np.asarray(u.basis, np.float64)

@@ -1,7 +1,7 @@
 """The divided refresh on a mesh (8 CPU devices) and the staggered refresh schedule.
 
-The 8-device cases run in a subprocess (`tests/_distributed_check.py`): the host devices must
-be requested before jax is imported. For each case the bases of the divided refresh
+The 8-device cases run in a subprocess (`python -m tests._distributed_check`): the host devices
+must be requested before jax's backend starts. For each case the bases of the divided refresh
 (`refresh_shardings=`) must equal the single-device ones after every step (refreshes at
 steps 1, 4, 7; staggered: every step), the compiled refresh branch must all-gather nothing
 wider than a basis (the replicated refresh all-gathers whole gradients), each device must
@@ -21,19 +21,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _harness import run_device_jobs
 from _roundoff import ROUND_OFF, assert_round_off
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fira_optax as fo
-from fira_optax import _schedule
+from fira_optax import _schedule, _testing
+from fira_optax._testing import random_gradients
 
-_SCRIPT = Path(__file__).with_name("_distributed_check.py")
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*jobs: str, timeout: float = 900) -> list[dict]:
-    results = run_device_jobs(_SCRIPT, *jobs, timeout=timeout)
+    results = _testing.run_device_jobs(
+        "tests._distributed_check", *jobs, cwd=_ROOT, timeout=timeout
+    )
     assert len(results) == len(jobs), results
     return results
 
@@ -94,11 +96,6 @@ def _llama(layers: int = 2, d: int = 32, f: int = 64) -> dict:
     }
 
 
-def _grads(params, seed: int):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-
-
 def _refreshed(before, after) -> list[np.ndarray]:
     """Per projected leaf, which matrices got a new basis (bool per stack index)."""
     out = []
@@ -117,7 +114,7 @@ def test_refresh_shardings_on_one_device_is_the_plain_refresh():
     )
     s1, s2 = tx_plain.init(params), tx_mesh.init(params)
     for t in range(3):
-        g = _grads(params, t)
+        g = random_gradients(params, 1, seed=t)[0]
         u1, s1 = jax.jit(tx_plain.update)(g, s1, params)
         u2, s2 = jax.jit(tx_mesh.update)(g, s2, params)
         # Another program (the refresh under the mesh's sharding constraints) on the same
@@ -131,7 +128,7 @@ def test_bad_schedule_and_shardings_raise():
     with pytest.raises(TypeError, match="NamedSharding"):
         fo.galore(1e-2, 8, refresh_shardings={"w": P("fsdp")})
     with pytest.raises(ValueError, match="no NamedSharding"):
-        fo.project(8, refresh_shardings={"w": None})
+        fo.project(fo.ProjectionSpec(8), refresh_shardings={"w": None})
 
 
 def test_state_layout_is_the_same_for_every_schedule():
@@ -178,9 +175,9 @@ def test_staggered_schedule_refreshes_each_matrix_once_per_window(gap):
     update = jax.jit(tx.update)
     steps = min(2 * gap + 1, 13)
     for t in range(steps):  # t = the count of every matrix before this step
-        before = state[0][0].bases
-        _, state = update(_grads(params, t), state, params)
-        refreshed = _refreshed(before, state[0][0].bases)
+        before = optax.tree_utils.tree_get(state, "bases")
+        _, state = update(random_gradients(params, 1, seed=t)[0], state, params)
+        refreshed = _refreshed(before, optax.tree_utils.tree_get(state, "bases"))
         for got, offset in zip(refreshed, offsets, strict=True):
             want = np.full(offset.shape, True) if t == 0 else (t % gap == offset)
             np.testing.assert_array_equal(got, want, err_msg=f"step {t + 1}")
@@ -199,19 +196,21 @@ def test_staggered_idle_expert_gets_its_first_basis_when_it_first_trains():
         g = rng.standard_normal((3, 16, 24)).astype(np.float32)
         if t < 3:
             g[1] = 0.0  # expert 1 idle for three steps
-        before = state[0][0].bases["experts"]["w"]
+        before = optax.tree_utils.tree_get(state, "bases")["experts"]["w"]
         _, state = update({"experts": {"w": jnp.asarray(g)}}, state, params)
-        after = state[0][0].bases["experts"]["w"]
+        after = optax.tree_utils.tree_get(state, "bases")["experts"]["w"]
         if t < 3:
             assert not np.any(np.asarray(after[1])), "an idle expert has no basis yet"
         if t == 3:  # its first non-idle step: its first basis
             assert np.any(np.asarray(after[1] != before[1]))
-    np.testing.assert_array_equal(np.asarray(state[0][0].steps["experts"]["w"]), [6, 3, 6])
+    np.testing.assert_array_equal(
+        np.asarray(optax.tree_utils.tree_get(state, "steps")["experts"]["w"]), [6, 3, 6]
+    )
 
 
 def test_staggered_fira_in_multi_transform_follows_the_masked_whole_tree_run():
     params = _llama()
-    mask = fo.projected_mask(params, rank=8)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(rank=8))
     labels = jax.tree.map(lambda p: "fira" if p else "adam", mask)
 
     def fira():
@@ -221,7 +220,7 @@ def test_staggered_fira_in_multi_transform_follows_the_masked_whole_tree_run():
     tx_whole = fo.fira(1e-2, 8, update_proj_gap=3, refresh_schedule="staggered", projected=mask)
     s_multi, s_whole = tx_multi.init(params), tx_whole.init(params)
     for t in range(5):
-        g = _grads(params, t)
+        g = random_gradients(params, 1, seed=t)[0]
         u_multi, s_multi = jax.jit(tx_multi.update)(g, s_multi, params)
         u_whole, s_whole = jax.jit(tx_whole.update)(g, s_whole, params)
         # A sub-tree vs the whole tree: two programs, float32 round-off.

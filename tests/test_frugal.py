@@ -21,9 +21,11 @@ keeps away from them, so the gradient sequences are checked for it (in float64) 
 from __future__ import annotations
 
 import doctest
+import importlib
 import math
 import os
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -31,12 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _harness import _FAST_COMPILE, learning_rates, make_problem, relative_errors
+from _harness import _FAST_COMPILE, learning_rates, relative_errors
 from _numpy_reference import canonical_basis, projection_side, run_frugal_reference
-from _problems import matrix_problem
 
 import fira_optax as fo
 from fira_optax import _frugal, _schedule
+from fira_optax._testing import make_problem, matrix_problem, random_gradients, state_bytes
 
 STEPS = 24
 GAP = 6  # refreshes at steps 1, 7, 13, 19
@@ -171,11 +173,17 @@ def _official_galore_adamw():
         torch_optimizer._dispatch_sqrt = lambda x: (
             x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
         )
-    if OFFICIAL_DIR not in sys.path:
-        sys.path.insert(0, OFFICIAL_DIR)
-    from frugal.adamw import GaloreAdamW
-
-    return GaloreAdamW
+    if "frugal" not in sys.modules:  # the checkout's package `frugal`, loaded from its path
+        package = Path(OFFICIAL_DIR) / "frugal"
+        module = types.ModuleType("frugal")
+        module.__path__ = [str(package)]  # its submodules are found there
+        sys.modules["frugal"] = module
+        if (package / "__init__.py").exists():
+            exec(
+                compile((package / "__init__.py").read_text(), package / "__init__.py", "exec"),
+                module.__dict__,
+            )
+    return importlib.import_module("frugal.adamw").GaloreAdamW
 
 
 def run_official_frugal(
@@ -382,11 +390,6 @@ def test_sign_step_is_the_sign_of_the_residual():
 # ---------------------------------------------------------------------------------------
 # State, jit, label masks, inject_hyperparams, idle matrices
 # ---------------------------------------------------------------------------------------
-def state_bytes(tx, params):
-    state = jax.eval_shape(tx.init, params)
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
-
-
 @pytest.mark.parametrize("state_free", ["sign", "sgd"])
 @pytest.mark.parametrize("weight_decay", [None, 0.1])
 def test_state_free_part_is_stateless(state_free, weight_decay):
@@ -418,16 +421,6 @@ def test_jit_traces_once_across_refreshes():
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
 
 
-def _gradients(params, steps=7, seed=0):
-    """A fixed gradient sequence like `params` (no feedback through a loss, so that two builds
-    of the same maths are compared step by step, not through a chaotic trajectory)."""
-    rng = np.random.default_rng(seed)
-    return [
-        jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-        for _ in range(steps)
-    ]
-
-
 def _updates(tx, params, grads):
     """The updates of `tx` on `grads` (refreshes at steps 1, 4, 7 with a gap of 3)."""
     state = tx.init(params)
@@ -448,7 +441,7 @@ def test_in_multi_transform():
     """FRUGAL on the projected leaves, AdamW on the rest: the projected leaves get the updates
     of `fo.frugal(projected=mask)` on the whole tree."""
     params, _ = matrix_problem()
-    mask = fo.projected_mask(params, rank=4)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(rank=4))
     assert sum(jax.tree.leaves(mask)) == 3
     labels = jax.tree.map(lambda p: "frugal" if p else "adamw", mask)
     kw = dict(update_proj_gap=3, weight_decay=0.1, state_free_learning_rate_ratio=0.5)
@@ -456,7 +449,7 @@ def test_in_multi_transform():
         {"frugal": fo.frugal(LR, 4, **kw), "adamw": optax.adamw(1e-3)}, labels
     )
     whole = fo.frugal(LR, 4, projected=mask, **kw)
-    grads = _gradients(params)
+    grads = random_gradients(params, 7)
     for a, b in zip(_updates(split, params, grads), _updates(whole, params, grads), strict=True):
         _close(
             {k: v for k, v in a.items() if k != "bias"},
@@ -473,7 +466,7 @@ def test_inject_hyperparams():
     injected = optax.inject_hyperparams(fo.frugal, static_args=("rank", "update_proj_gap"))(
         learning_rate=LR, **kw
     )
-    grads = _gradients(params)
+    grads = random_gradients(params, 7)
     _close(_updates(injected, params, grads), _updates(fo.frugal(LR, **kw), params, grads))
     state = injected.init(params)
     state.hyperparams["state_free_learning_rate_ratio"] = jnp.zeros([])
@@ -552,11 +545,11 @@ def test_limiter_refuses_a_sign_residual_and_takes_an_sgd_one():
     params, loss_fn = matrix_problem()
     grads = jax.grad(loss_fn)(params)
     spec = fo.ProjectionSpec(4)
-    adam = fo.scale_by_low_rank_adam(spec=spec, bias_correction="torch")
-    sign, _ = _chain(adam, fo.state_free_residual("sign"), fo.limit_norm_growth(spec=spec))
+    adam = fo.scale_by_low_rank_adam(spec, bias_correction="torch")
+    sign, _ = _chain(adam, fo.state_free_residual("sign"), fo.limit_norm_growth(spec))
     with pytest.raises(ValueError, match="sign residual"):
         sign.update(grads, sign.init(params), params)
-    sgd, _ = _chain(adam, fo.state_free_residual("sgd"), fo.limit_norm_growth(spec=spec))
+    sgd, _ = _chain(adam, fo.state_free_residual("sgd"), fo.limit_norm_growth(spec))
     updates, _ = sgd.update(grads, sgd.init(params), params)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
@@ -565,7 +558,7 @@ def test_block_order_is_checked():
     params, loss_fn = matrix_problem()
     grads = jax.grad(loss_fn)(params)
     spec = fo.ProjectionSpec(4)
-    adam = fo.scale_by_low_rank_adam(spec=spec)
+    adam = fo.scale_by_low_rank_adam(spec)
     early, _ = _chain(fo.state_free_residual(), adam)
     with pytest.raises(ValueError, match="after the subspace optimizer"):
         early.update(grads, early.init(params), params)
@@ -579,13 +572,13 @@ def test_blocks_equal_the_alias():
     spec = fo.ProjectionSpec(4)
     blocks = optax.chain(
         fo.project(spec=spec, update_proj_gap=3),
-        fo.scale_by_low_rank_adam(eps=1e-8, spec=spec, bias_correction="torch", on_refresh="reset"),
+        fo.scale_by_low_rank_adam(spec, eps=1e-8, bias_correction="torch", on_refresh="reset"),
         fo.state_free_residual("sign", 0.5),
         fo.project_back(),
         optax.scale(-LR),
     )
     alias = fo.frugal(LR, 4, update_proj_gap=3, state_free_learning_rate_ratio=0.5)
-    grads = _gradients(params)
+    grads = random_gradients(params, 7)
     _close(_updates(blocks, params, grads), _updates(alias, params, grads))
 
 
@@ -595,7 +588,10 @@ def test_blocks_equal_the_alias():
         (lambda: fo.state_free_residual("signum"), "Unknown rule"),
         (lambda: fo.state_free_residual("sign", -1.0), "learning_rate_ratio"),
         (lambda: fo.frugal(LR, 4, state_free="lion"), "Unknown state_free"),
-        (lambda: fo.scale_by_low_rank_adam(rank=4, bias_correction="keras"), "bias_correction"),
+        (
+            lambda: fo.scale_by_low_rank_adam(fo.ProjectionSpec(4), bias_correction="keras"),
+            "bias_correction",
+        ),
     ],
 )
 def test_bad_arguments(make, match):

@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _harness import make_problem, relative_errors, run_ours
+from _harness import relative_errors, run_ours
 from _numpy_reference import canonical_basis, projection_side
 
 import fira_optax as fo
+from fira_optax._testing import make_problem
 
 STEPS, GAP, RANK, SVD_STEPS = 24, 4, 6, 9  # refreshes at steps 1, 5, 9 (SVD), 13, 17, 21
 SHAPES = {"tall": (40, 24), "wide": (20, 36), "bias": (24,)}

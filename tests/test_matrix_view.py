@@ -18,14 +18,10 @@ from jax.sharding import PartitionSpec as P
 
 import fira_optax as fo
 from fira_optax._spec import default_view
+from fira_optax._testing import state_bytes
 
 nnx = pytest.importorskip("flax.nnx")
 linen = pytest.importorskip("flax.linen")
-
-
-def state_bytes(tx, params):
-    state = jax.eval_shape(tx.init, params)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 def views(params, rank=64, **kw):
@@ -162,7 +158,7 @@ def test_state_of_multi_head_attention_is_at_most_half_of_adamw():
         tx = fo.fira(1e-3, 64)
         ratios[name] = state_bytes(tx, params) / state_bytes(optax.adamw(1e-3), params)
         print(f"{name}: fira state / adamw state = {ratios[name]:.3f}")
-        print(fo.describe_projection(params, 64))
+        print(fo.describe_projection(params, fo.ProjectionSpec(64)))
     assert ratios["nnx.MultiHeadAttention"] <= 0.5, ratios
     assert ratios["DenseGeneral"] <= 0.5, ratios
 
@@ -213,13 +209,13 @@ def test_state_sharding_of_a_merged_axis():
 
 def test_describe_projection_shows_the_matrix_view():
     params = {"attn": {"query": {"kernel": jnp.ones((512, 8, 64))}}}
-    text = fo.describe_projection(params, 64)
+    text = fo.describe_projection(params, fo.ProjectionSpec(64))
     assert "512×(8·64)" in text and "(0.19×)" in text
 
 
 def test_projected_mask_labels_multi_transform():
     params = {"attn": {"query": {"kernel": jnp.ones((64, 4, 16))}}, "embed": jnp.ones((10, 64))}
-    mask = fo.projected_mask(params, rank=8)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(rank=8))
     assert mask == {"attn": {"query": {"kernel": True}}, "embed": False}
-    regex = fo.projected_mask(params, "query")
+    regex = fo.projected_mask(params, fo.ProjectionSpec(None, projected="query"))
     np.testing.assert_equal(regex, {"attn": {"query": {"kernel": True}}, "embed": False})

@@ -12,14 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _harness import (
-    learning_rates,
-    make_problem,
-    relative_errors,
-    run_ours,
-)
+from _harness import learning_rates, relative_errors, run_ours
 from _numpy_reference import projection_side, run_reference
 from _official import run_official
+
+from fira_optax._testing import make_problem
 
 STEPS = 24
 GAP = 6

@@ -16,16 +16,12 @@ import math
 import numpy as np
 import optax
 import pytest
-from _harness import (
-    learning_rates,
-    make_problem,
-    relative_errors,
-    run_ours,
-)
+from _harness import learning_rates, relative_errors, run_ours
 from _numpy_reference import projection_side, run_reference
 from _official import run_official
 
-from tests import _sparse
+from fira_optax import _testing
+from fira_optax._testing import make_problem
 
 TOL = 1e-4
 STEPS = 24
@@ -219,7 +215,7 @@ def test_parity_when_the_gradient_leaves_the_subspace(kind):
     is exactly ±e0."""
     w0, grads, ours, official = _sparse_case(
         kind,
-        lambda shape, i: _sparse.one_hot_rows(12, i),
+        lambda shape, i: _testing.one_hot_rows(12, i),
         {"m": (4, 8)},
         rank=1,
         update_proj_gap=3,
@@ -245,7 +241,7 @@ def test_parity_on_sparse_gradients(kind, nonzero):
     shapes = {"wide": (16, 64), "tall": (64, 16)}
     w0, grads, ours, official = _sparse_case(
         kind,
-        lambda shape, i: _sparse.sparse_gradients(shape, steps, i, nonzero=nonzero, idle=idle),
+        lambda shape, i: _testing.sparse_gradients(shape, steps, i, nonzero=nonzero, idle=idle),
         shapes,
         rank=2,
         update_proj_gap=5,

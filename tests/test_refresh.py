@@ -3,9 +3,6 @@ and a short training run."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +11,7 @@ import pytest
 
 import fira_optax as fo
 from fira_optax import _refresh
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from refresh import gradient
+from fira_optax._testing import low_rank_gradient as gradient  # benchmarks/refresh.py's
 
 M, N, K = 192, 448, 48
 

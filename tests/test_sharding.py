@@ -1,8 +1,9 @@
 """Sharded Fira/GaLore on 8 CPU devices (2×4 mesh) matches the single-device step.
 
-The body runs in a subprocess (`tests/_sharded_check.py`): the 8 host devices must be requested
-before jax is imported. Layouts of a small LLaMA tree with stacked `(L, m, n)` leaves: FSDP,
-tensor parallel, 2-D FSDP+TP and the L axis sharded. 7 steps, refreshes at steps 1, 4, 7.
+The body runs in a subprocess (`python -m tests._sharded_check`): the 8 host devices must be
+requested before jax's backend starts. Layouts of a small LLaMA tree with stacked `(L, m, n)`
+leaves: FSDP, tensor parallel, 2-D FSDP+TP and the L axis sharded.
+7 steps, refreshes at steps 1, 4, 7.
 
 The refresh runs one matrix at a time (`fira_optax._refresh.refresh_basis`): XLA:CPU's
 batched LAPACK kernels split a batch over the intra-op pool and block on it, which deadlocked
@@ -15,8 +16,6 @@ float32 differences of a sharded matmul (~1e-6) rotate them freely inside that f
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,17 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _harness import device_check_env, run_device_jobs
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from optax.tree_utils import tree_get
 
 import fira_optax as fo
+from fira_optax import _testing
 
-_SCRIPT = Path(__file__).with_name("_sharded_check.py")
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*jobs: str, timeout: float = 600) -> list[dict]:
-    return run_device_jobs(_SCRIPT, *jobs, timeout=timeout)
+    return _testing.run_device_jobs("tests._sharded_check", *jobs, cwd=_ROOT, timeout=timeout)
 
 
 def _check(result: dict) -> None:
@@ -51,7 +51,7 @@ def _check(result: dict) -> None:
     # Every state leaf (bases, moments, limiter memory): max-relative to the leaf's largest entry.
     assert result["state_max_rel"] <= 1e-5, (name, result["where"])
     # Updates from step 2 on (Frobenius); step 1 is Adam's ill-conditioned first step
-    # (N ≈ R / |R|, see _sharded_check.py), bounded more loosely.
+    # (N ≈ R / |R|, see tests/_sharded_check.py), bounded more loosely.
     assert result["updates_frob_rel_after_step1"] <= 1e-5, (name, result["where"])
     assert result["updates_frob_rel"] <= 5e-5, (name, result["where"])
     mem = result["bytes_per_device"]
@@ -86,10 +86,8 @@ def test_sharded_family_matches_single_device():
 
 
 _REFRESH_SCRIPT = """
-import os
-# 8 host devices, after the parent's flags (e.g. --xla_cpu_max_isa)
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8")
+from fira_optax import _testing
+_testing.request_host_devices(8)  # after the parent's flags (e.g. --xla_cpu_max_isa)
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fira_optax._refresh import refresh_basis
@@ -104,20 +102,6 @@ for spec in [P("data", None, None), P("data", "model", None), P(None, "model", N
 """
 
 
-def _run_snippet(script: str, timeout: float) -> str:
-    """Runs `python -c script` on 8 host devices (the script adds the device count to this
-    process's XLA_FLAGS); its stdout."""
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        env=device_check_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return out.stdout
-
-
 def test_randomized_refresh_is_shard_invariant():
     """Same basis sharded as on one device, to float32 round-off times the conditioning.
 
@@ -127,7 +111,7 @@ def test_randomized_refresh_is_shard_invariant():
     code). The bound, 2e-4 (~10 u·σ₁/gap), is far below what a per-shard key or a wrong gather
     gives (O(1) on entries of size ~0.1).
     """
-    diffs = [float(x) for x in _run_snippet(_REFRESH_SCRIPT, timeout=300).split()]
+    diffs = [float(x) for x in _testing.run_device_snippet(_REFRESH_SCRIPT, timeout=300).split()]
     assert len(diffs) == 3 and max(diffs) < 2e-4, diffs
 
 
@@ -153,7 +137,10 @@ def test_state_partition_spec_rule():
         lambda: fo.fira(1e-3, 4),
         lambda: fo.galore(1e-3, 4),
         lambda: optax.chain(
-            fo.project(4), fo.scale_by_low_rank_adam(rank=4), fo.project_back(), optax.sgd(1.0)
+            fo.project(fo.ProjectionSpec(4)),
+            fo.scale_by_low_rank_adam(fo.ProjectionSpec(4)),
+            fo.project_back(),
+            optax.sgd(1.0),
         ),
         lambda: optax.adamw(1e-3),
     ],
@@ -184,15 +171,16 @@ def test_fira_state_specs_follow_the_kept_axis():
     specs = {"up": P("data", None, "model"), "down": P("data", "model", None)}
     tx = fo.fira(1e-3, 4)
     sh = fo.optimizer_state_shardings(tx, params, specs, mesh=mesh)
-    project_state, adam_state, _, limiter_state, _ = sh[0]
+    bases, mu, nu, norms = (tree_get(sh, name) for name in ("bases", "mu", "nu", "norms"))
     # up (16 < 40): left side; basis (2,16,4) keeps m (unsharded), moments (2,4,40) keep n.
-    assert project_state.bases["up"].spec == P("data", None, None)
-    assert adam_state.mu["up"].spec == P("data", None, "model")
+    assert bases["up"].spec == P("data", None, None)
+    assert mu["up"].spec == P("data", None, "model")
     # down (40 ≥ 16): right side; basis (2,4,16) keeps n, moments (2,40,4) keep m.
-    assert project_state.bases["down"].spec == P("data", None, None)
-    assert adam_state.nu["down"].spec == P("data", "model", None)
-    assert limiter_state.norms["up"].spec == P("data")
-    assert project_state.count.spec == P()
+    assert bases["down"].spec == P("data", None, None)
+    assert nu["down"].spec == P("data", "model", None)
+    assert norms["up"].spec == P("data")
+    counts = optax.tree_utils.tree_get_all_with_path(sh, "count")
+    assert counts and all(count.spec == P() for _, count in counts)
 
 
 def test_partition_specs_without_mesh_raise():
@@ -201,10 +189,9 @@ def test_partition_specs_without_mesh_raise():
 
 
 _WRAPPERS_SCRIPT = """
-import json, os
-# 8 host devices, after the parent's flags (e.g. --xla_cpu_max_isa)
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8")
+import json
+from fira_optax import _testing
+_testing.request_host_devices(8)  # after the parent's flags (e.g. --xla_cpu_max_isa)
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import fira_optax as fo
@@ -249,7 +236,7 @@ per_leaf = jax.tree.map(leaf_grads, shapes, views, is_leaf=is_shape)
 grads = [jax.tree.map(lambda g, t=t: jnp.asarray(g[t], jnp.float32), per_leaf,
                       is_leaf=lambda x: isinstance(x, list)) for t in range(4)]
 param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-mask = fo.projected_mask(params, rank=4)
+mask = fo.projected_mask(params, fo.ProjectionSpec(rank=4))
 labels = jax.tree.map(lambda m: "fira" if m else "adam", mask)
 fira = lambda: fo.fira(1e-2, 4, update_proj_gap=2, scale=0.25)
 wrappers = {
@@ -301,7 +288,7 @@ def test_state_shardings_through_optax_wrappers_on_8_devices():
     Measured ≤ 1.1e-6 under SSE4.2, AVX2 and AVX-512 code; 1e-5 leaves ~10× and is far below
     what a real error gives (a lost hyper-parameter or mask: O(1)).
     """
-    stdout = _run_snippet(_WRAPPERS_SCRIPT, timeout=600)
+    stdout = _testing.run_device_snippet(_WRAPPERS_SCRIPT, timeout=600)
     results = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert {r["wrapper"] for r in results} == {
         "MultiSteps",
