@@ -37,7 +37,7 @@ echo "pytest exit: ${PIPESTATUS[0]}"
 
 echo "== update step time (JAX only)"
 rm -f "$OUT/gpu_step_time.md"
-timeout "${BENCH_TIMEOUT:-300}" "$PYTHON" benchmarks/step_time.py --sizes "$SIZES" --no-torch \
+timeout "${BENCH_TIMEOUT:-300}" "$PYTHON" -m benchmarks.step_time --sizes "$SIZES" --no-torch \
   --rounds "$ROUNDS" --refresh-rounds 5 --out "$OUT/gpu_step_time.md" > "$OUT/gpu_step_time.log" 2>&1
 echo "step_time exit: $?"
 if [[ -s "$OUT/gpu_step_time.md" ]]; then cat "$OUT/gpu_step_time.md"; else tail -30 "$OUT/gpu_step_time.log"; fi
