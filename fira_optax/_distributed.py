@@ -2,11 +2,13 @@
 
 Imports `_shapes`, `_spec` (key paths) and `_refresh` (downward only).
 
-Without the params' layouts, `project` refreshes every projected leaf where it is
-(`_refresh.refresh_basis`): under SPMD the partitioner all-gathers each projected gradient and
-every device computes every SVD. Given the layouts (`refresh_shardings=`), the refresh step is
-one `shard_map` over the whole mesh whose inputs and outputs keep the param / state layouts
-(so the rest of the step is untouched), with explicit communication inside:
+:class:`DividedRefresh` is the mesh implementation of `_refresh.Refresher`; :func:`refresher`
+picks it or `_refresh.LocalRefresh` when `project` is constructed. Without the params'
+layouts, every projected leaf is refreshed where it is (`LocalRefresh`): under SPMD the
+partitioner all-gathers each projected gradient and every device computes every SVD. Given
+the layouts (`refresh_shardings=`), the refresh step is one `shard_map` over the whole mesh
+whose inputs and outputs keep the param / state layouts (so the rest of the step is
+untouched), with explicit communication inside:
 
 1. every projected matrix is read in *left form* — `G` (m×n) for a left basis, `Gᵀ` for a
    right one, so that the basis spans its columns — and the matrices of equal left-form shape,
@@ -21,9 +23,9 @@ one `shard_map` over the whole mesh whose inputs and outputs keep the param / st
    sends and receives about its own share of the gradients; nothing of size m×n is
    all-gathered;
 4. every owner refreshes its matrices one at a time with exactly the single-device code
-   (`svd_basis` / `randomized_basis` on the left form, the same random key per matrix, the
-   same sign rule; the randomized warm start travels like the gradient), skipping empty and
-   not-due slots;
+   (the strategy's function on the left form, the same per-matrix key from
+   `_refresh.matrix_keys`, the same sign rule, the same `_refresh.refresh_if_due`; the
+   randomized warm start travels like the gradient), skipping empty and not-due slots;
 5. a second `all_to_all` returns to every device the rows of each new basis its state holds
    (the basis is sharded like the gradient along the dimension it keeps), with a per-matrix
    "refreshed" flag (all-gathered, one bool per matrix); a matrix that was not refreshed (not
@@ -33,6 +35,13 @@ A leaf sharded along its stack axis (layers or experts over a mesh axis) is refr
 devices of its own stack shard. Layouts this cannot read as blocks (a merged dimension whose
 minor axis is sharded, an axis not divisible by its mesh axes) are gathered along those axes
 when the refresh starts (correct, not divided along them).
+
+The module has two halves: the *static* placement (:func:`layout`, :func:`plan_groups`:
+Python on shapes, key paths and `PartitionSpec`s, run once per trace) and the *traced*
+refresh (:meth:`DividedRefresh.__call__` and the `shard_map` body). Data-free strategies
+("random", "random_orthonormal") and callables are not divided: the random ones read no
+gradient (no gradient moves; under jit each device draws what its sharded state holds) and a
+callable runs where the gradient is.
 
 The randomized refresh is divided the same way (whole matrices per owner) rather than by
 sketching the sharded gradient and all-reducing the sketches: subspace iteration needs about
@@ -45,17 +54,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fira_optax._refresh import left_form_basis, refresh_cost
+from fira_optax._refresh import (
+    STRATEGIES,
+    LocalRefresh,
+    Refresh,
+    Refresher,
+    RefreshLeaf,
+    refresh_cost,
+    refresh_if_due,
+)
 from fira_optax._shapes import LEFT, LeafPlan, MatrixView
 from fira_optax._spec import path_str
+from fira_optax._types import RefreshMethod
 
 try:  # jax ≥ 0.7
     from jax import shard_map as _shard_map
@@ -144,28 +162,32 @@ def layout(plan: LeafPlan, spec: PartitionSpec, mesh_shape: dict[str, int]) -> L
 
 
 # ----------------------------------------------------------------------------------------------
-# Placement (static).
+# Placement (static): which device refreshes which matrix.
 
 
 @dataclasses.dataclass(frozen=True)
-class RefreshLeaf:
-    """One projected leaf handed to the divided refresh.
+class PlacedLeaf:
+    """The static facts of one projected leaf that its placement reads.
 
     Attributes:
-      grad: the gradient leaf, in the param's shape.
-      basis: the current basis `(*batch, m, k)` (left) or `(*batch, k, n)` (right).
-      plan: the leaf's static plan.
+      plan: the leaf's plan (matrix view, side, k, key path).
       layout: its :class:`Layout`.
-      keys: key data per matrix `(B, …)` (uint32), as `refresh_basis` splits them.
-      due: bool per matrix, flat `(B,)`.
+      dtype: its gradient's dtype name.
     """
 
-    grad: jax.Array
-    basis: jax.Array
     plan: LeafPlan
     layout: Layout
-    keys: jax.Array
-    due: jax.Array
+    dtype: str
+
+
+class GroupKey(NamedTuple):
+    """What the matrices of a group share: left-form shape `m×n`, rank, dtype, layout."""
+
+    m: int
+    n: int
+    k: int
+    dtype: str
+    layout: Layout
 
 
 def _left_shape(plan: LeafPlan) -> tuple[int, int]:
@@ -212,7 +234,7 @@ class _Group:
     owner-major.
     """
 
-    key: tuple
+    key: GroupKey
     leaves: tuple[int, ...]
     entries: tuple[tuple[int, int], ...]
     slots: tuple[int | None, ...]
@@ -220,7 +242,7 @@ class _Group:
 
 
 def plan_groups(
-    leaves: Sequence[RefreshLeaf],
+    leaves: Sequence[PlacedLeaf],
     members: Sequence[Sequence[int]],
     mesh_shape: dict[str, int],
     method: str,
@@ -230,11 +252,11 @@ def plan_groups(
     Each matrix goes to the least-loaded owner (summed refresh cost over every group) that
     still has room in its group (at most `⌈entries / owners⌉`, so that few slots are empty).
     """
-    by_key: dict[tuple, list[int]] = {}
+    by_key: dict[GroupKey, list[int]] = {}
     for i, leaf in enumerate(leaves):
         if members[i]:
             plan = leaf.plan
-            key = (*_left_shape(plan), plan.k, jnp.dtype(leaf.grad.dtype).name, leaf.layout)
+            key = GroupKey(*_left_shape(plan), plan.k, leaf.dtype, leaf.layout)
             by_key.setdefault(key, []).append(i)
     total = math.prod(mesh_shape.values())
     keys = list(by_key)
@@ -242,19 +264,19 @@ def plan_groups(
     for key in keys:
         group_entries = []
         for i in by_key[key]:
-            local = _batch_blocks(leaves[i].plan, key[4].grad_spec, mesh_shape)[0]
-            if key[4].batch:  # a stack shard: all its matrices (members differ per shard)
+            local = _batch_blocks(leaves[i].plan, key.layout.grad_spec, mesh_shape)[0]
+            if key.layout.batch:  # a stack shard: all its matrices (members differ per shard)
                 group_entries += [(i, j) for j in range(len(local))]
             else:
                 wanted = set(members[i])
                 group_entries += [(i, j) for j, flat in enumerate(local) if flat in wanted]
         entries.append(group_entries)
-    owners = [total // math.prod(mesh_shape[a] for a in key[4].batch) for key in keys]
+    owners = [total // math.prod(mesh_shape[a] for a in key.layout.batch) for key in keys]
     caps = [-(-len(e) // o) for e, o in zip(entries, owners, strict=True)]
     assigned = [[[] for _ in range(o)] for o in owners]
     loads: dict[int, list[int]] = {o: [0] * o for o in owners}
     items = sorted(
-        (-refresh_cost(*key[:3], method), g, t)
+        (-refresh_cost(key.m, key.n, key.k, method), g, t)
         for g, key in enumerate(keys)
         for t in range(len(entries[g]))
     )
@@ -274,69 +296,123 @@ def plan_groups(
 
 
 # ----------------------------------------------------------------------------------------------
-# The refresh (traced).
+# The refresh (traced): the refresher, and the `shard_map` body.
 
 
-def divided_refresh(
-    leaves: Sequence[RefreshLeaf],
-    offsets: Sequence[np.ndarray | None],
-    mesh: Any,
-    method: str,
-) -> list[jax.Array]:
-    """The bases after this step's refresh, divided over `mesh` (a list like `leaves`).
+class _Traced(NamedTuple):
+    """The traced inputs of one leaf: gradient (param shape), basis (state shape), key data per
+    matrix `(B, …)` (uint32) and `due` per matrix, flat `(B,)`."""
+
+    grad: jax.Array
+    basis: jax.Array
+    keys: jax.Array
+    due: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DividedRefresh:
+    """A `_refresh.Refresher` that divides the refresh over `mesh` (see the module).
 
     One `lax.switch`: nothing due → the old bases; due matrices in several phases (the
     first step, or after idle steps) → a refresh of every matrix (each owner skips the ones
     not due); exactly one phase of the staggered schedule due → a refresh of that phase's
     matrices only, so only their gradients move (the official schedule has one phase).
 
-    Args:
-      leaves: the projected leaves (with their layouts and per-matrix `due`).
-      offsets: per leaf, its staggered offsets (stack shape), or None (official schedule).
-      mesh: the `jax.sharding.Mesh` of the layouts.
-      method: "svd" or "randomized".
+    Attributes:
+      method: a strategy that reads the gradient ("svd", "randomized").
+      mesh: the `jax.sharding.Mesh` of the layouts (more than one device).
+      specs: `{key path: PartitionSpec}` of the params.
     """
-    sizes = [math.prod(leaf.plan.batch_shape) for leaf in leaves]
-    everything = [list(range(size)) for size in sizes]
-    phase_members = []
-    if offsets and offsets[0] is not None:
-        flat = [np.ravel(o) for o in offsets]
-        phases = sorted({int(p) for f in flat for p in f})
-        if len(phases) > 1:
-            phase_members = [[np.flatnonzero(f == p).tolist() for f in flat] for p in phases]
 
-    def due_in(members):
-        hits = [
-            jnp.any(leaf.due[np.asarray(m)]) for leaf, m in zip(leaves, members, strict=True) if m
+    method: RefreshMethod
+    mesh: Any
+    specs: Mapping[str, PartitionSpec]
+
+    def placed(self, leaf: RefreshLeaf) -> PlacedLeaf:
+        """The static placement facts of `leaf` (raises when its layout is missing)."""
+        path = leaf.plan.path
+        if path not in self.specs:
+            known = ", ".join(sorted(self.specs)[:6])
+            raise ValueError(
+                f"project: refresh_shardings has no sharding for the projected leaf {path!r} "
+                f"(it has {known}, ...): pass the params' shardings, a tree like params."
+            )
+        lay = layout(leaf.plan, self.specs[path], dict(self.mesh.shape))
+        return PlacedLeaf(leaf.plan, lay, jnp.dtype(leaf.grad.dtype).name)
+
+    def __call__(self, leaves: Sequence[RefreshLeaf]) -> list[jax.Array]:
+        if not leaves:
+            return []
+        placed = [self.placed(leaf) for leaf in leaves]
+        traced = [
+            _Traced(
+                leaf.grad,
+                leaf.basis,
+                jax.random.key_data(leaf.keys),
+                leaf.due.reshape(math.prod(leaf.plan.batch_shape)),
+            )
+            for leaf in leaves
         ]
-        return jnp.any(jnp.stack(hits))
+        sizes = [math.prod(leaf.plan.batch_shape) for leaf in leaves]
+        everything = [list(range(size)) for size in sizes]
+        phase_members = []
+        if leaves[0].offset is not None:
+            flat = [np.ravel(leaf.offset) for leaf in leaves]
+            phases = sorted({int(p) for f in flat for p in f})
+            if len(phases) > 1:
+                phase_members = [[np.flatnonzero(f == p).tolist() for f in flat] for p in phases]
 
-    old = [leaf.basis for leaf in leaves]
-    branches = [lambda: old, lambda: _refresh_members(leaves, everything, mesh, method)]
-    branches += [
-        lambda members=members: _refresh_members(leaves, members, mesh, method)
-        for members in phase_members
-    ]
-    if not phase_members:
-        index = due_in(everything).astype(jnp.int32)
-    else:
-        hit = jnp.stack([due_in(members) for members in phase_members])
-        count = jnp.sum(hit.astype(jnp.int32))
-        one = 2 + jnp.argmax(hit).astype(jnp.int32)
-        index = jnp.where(count == 0, 0, jnp.where(count > 1, 1, one))
-    return jax.lax.switch(index, branches)
+        def due_in(members):
+            hits = [
+                jnp.any(t.due[np.asarray(m)]) for t, m in zip(traced, members, strict=True) if m
+            ]
+            return jnp.any(jnp.stack(hits))
+
+        def run(members):
+            return _refresh_members(placed, traced, members, self.mesh, self.method)
+
+        old = [leaf.basis for leaf in leaves]
+        branches = [lambda: old, lambda: run(everything)]
+        branches += [lambda members=members: run(members) for members in phase_members]
+        if not phase_members:
+            index = due_in(everything).astype(jnp.int32)
+        else:
+            hit = jnp.stack([due_in(members) for members in phase_members])
+            count = jnp.sum(hit.astype(jnp.int32))
+            one = 2 + jnp.argmax(hit).astype(jnp.int32)
+            index = jnp.where(count == 0, 0, jnp.where(count > 1, 1, one))
+        return jax.lax.switch(index, branches)
+
+
+def refresher(refresh: Refresh, refresh_shardings: Any = None) -> Refresher:
+    """The refresher of a `project` transform, picked when it is constructed.
+
+    :class:`DividedRefresh` when the params' shardings are given, their mesh has more than
+    one device and the strategy reads the gradient; otherwise `_refresh.LocalRefresh`
+    (data-free strategies and callables are never divided: see the module).
+    """
+    if refresh_shardings is None or callable(refresh):
+        return LocalRefresh(refresh)
+    if not STRATEGIES[refresh].reads_gradient:
+        return LocalRefresh(refresh)
+    mesh, specs = mesh_and_specs(refresh_shardings)
+    if mesh.size == 1:
+        return LocalRefresh(refresh)
+    return DividedRefresh(refresh, mesh, specs)
 
 
 def _refresh_members(
-    leaves: Sequence[RefreshLeaf],
+    placed: Sequence[PlacedLeaf],
+    traced: Sequence[_Traced],
     members: Sequence[Sequence[int]],
     mesh: Any,
-    method: str,
+    method: RefreshMethod,
 ) -> list[jax.Array]:
-    """New bases for `leaves`, the matrices `members` refreshed divided over `mesh`.
+    """New bases for the leaves, the matrices `members` refreshed divided over `mesh`.
 
     Args:
-      leaves: the projected leaves (with their layouts).
+      placed: the projected leaves' static facts (plans, layouts).
+      traced: their gradients, bases, keys and `due`, in the same order.
       members: per leaf, the flat stack indices of the matrices this refresh may update (the
         others keep their basis): all of them, or one phase of the staggered schedule.
       mesh: the `jax.sharding.Mesh` of the layouts.
@@ -347,29 +423,29 @@ def _refresh_members(
     """
     names = tuple(mesh.axis_names)
     mesh_shape = dict(mesh.shape)
-    groups = plan_groups(leaves, members, mesh_shape, method)
+    groups = plan_groups(placed, members, mesh_shape, method)
     impl = jax.random.key_impl(jax.random.key(0))
     used = sorted({i for g in groups for i in g.leaves})
 
     # Replicated per-slot tables: key data and due, `(batch groups, owners·c, …)`.
     tables = []
     for g in groups:
-        lay = g.key[4]
-        blocks = {i: _batch_blocks(leaves[i].plan, lay.grad_spec, mesh_shape) for i in g.leaves}
+        lay = g.key.layout
+        blocks = {i: _batch_blocks(placed[i].plan, lay.grad_spec, mesh_shape) for i in g.leaves}
         n_batch = math.prod(mesh_shape[a] for a in lay.batch)
         keys_rows, due_rows = [], []
         for beta in range(n_batch):
             keys_row, due_row = [], []
             for t in g.slots:
                 if t is None:
-                    keys_row.append(jnp.zeros(leaves[g.leaves[0]].keys.shape[1:], jnp.uint32))
+                    keys_row.append(jnp.zeros(traced[g.leaves[0]].keys.shape[1:], jnp.uint32))
                     due_row.append(jnp.zeros((), bool))
                     continue
                 i, j = g.entries[t]
                 flat = blocks[i][beta][j]
-                keys_row.append(leaves[i].keys[flat])
+                keys_row.append(traced[i].keys[flat])
                 wanted = flat in set(members[i])
-                due_row.append(leaves[i].due[flat] & wanted)
+                due_row.append(traced[i].due[flat] & wanted)
             keys_rows.append(jnp.stack(keys_row))
             due_rows.append(jnp.stack(due_row))
         tables.append((jnp.stack(keys_rows), jnp.stack(due_rows)))
@@ -379,8 +455,7 @@ def _refresh_members(
         bases = dict(zip(used, bases, strict=True))
         cands: dict[int, list] = {i: [] for i in used}  # (local index, candidate, ok)
         for g, (keys_table, due_table) in zip(groups, tables, strict=True):
-            m, n, k = g.key[:3]
-            lay: Layout = g.key[4]
+            m, n, k, lay = g.key.m, g.key.n, g.key.k, g.key.layout
             batch_names = tuple(a for a in names if a in lay.batch)
             owner_names = tuple(a for a in names if a not in lay.batch)
             owners = math.prod(mesh_shape[a] for a in owner_names)
@@ -388,7 +463,7 @@ def _refresh_members(
             me = jax.lax.axis_index(owner_names) if owner_names else 0
             c = g.per_owner
 
-            blocks = [_left_local(grads[i], leaves[i].plan, lay) for i in g.leaves]
+            blocks = [_left_local(grads[i], placed[i].plan, lay) for i in g.leaves]
             a = _gather_to_owners(
                 blocks,
                 g,
@@ -402,7 +477,7 @@ def _refresh_members(
             old = None
             if method == "randomized":
                 old = _gather_to_owners(
-                    [_basis_left_local(bases[i], leaves[i].plan) for i in g.leaves],
+                    [_basis_left_local(bases[i], placed[i].plan) for i in g.leaves],
                     g,
                     lay.rows,
                     (),
@@ -427,7 +502,7 @@ def _refresh_members(
                     cands[i].append((j, rows_back[locate(s)], ok_all[s]))
         outs = []
         for i in used:
-            plan = leaves[i].plan
+            plan = placed[i].plan
             old_left = _basis_left_local(bases[i], plan)  # (Bl, mb, k)
             size = old_left.shape[0]
             new = old_left
@@ -447,15 +522,15 @@ def _refresh_members(
         return tuple(outs)
 
     in_specs = (
-        tuple(leaves[i].layout.grad_spec for i in used),
-        tuple(leaves[i].layout.basis_spec for i in used),
+        tuple(placed[i].layout.grad_spec for i in used),
+        tuple(placed[i].layout.basis_spec for i in used),
         tuple((PartitionSpec(), PartitionSpec()) for _ in groups),
     )
-    out_specs = tuple(leaves[i].layout.basis_spec for i in used)
+    out_specs = tuple(placed[i].layout.basis_spec for i in used)
     new = _smap(local, mesh, in_specs, out_specs)(
-        tuple(leaves[i].grad for i in used), tuple(leaves[i].basis for i in used), tuple(tables)
+        tuple(traced[i].grad for i in used), tuple(traced[i].basis for i in used), tuple(tables)
     )
-    out = [leaf.basis for leaf in leaves]
+    out = [t.basis for t in traced]
     for i, basis in zip(used, new, strict=True):
         out[i] = basis
     return out
@@ -545,20 +620,16 @@ def _gather_to_owners(
 
 def _compute(a, old, keys, due, k, method, impl):
     """Each owner's refresh of its `c` matrices, one at a time: `(c, m, k)`, ok `(c,)`."""
+    strategy = STRATEGIES[method]
 
     def one(args):
         a1, key_data, due1 = args[:3]
         old1 = args[3] if len(args) > 3 else None
 
         def compute():
-            key = jax.random.wrap_key_data(key_data, impl=impl)
-            candidate = left_form_basis(method, a1, old1, k, key)
-            return candidate, jnp.all(jnp.isfinite(candidate))
+            return strategy.basis(a1, old1, k, jax.random.wrap_key_data(key_data, impl=impl))
 
-        def skip():
-            return jnp.zeros((a1.shape[0], k), jnp.float32), jnp.zeros((), bool)
-
-        return jax.lax.cond(due1 & jnp.any(a1 != 0), compute, skip)
+        return refresh_if_due(compute, a1, due1, (a1.shape[0], k))
 
     args = (a, keys, due) if old is None else (a, keys, due, old)
     return jax.lax.map(one, args)

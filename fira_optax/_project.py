@@ -1,8 +1,9 @@
 """`project`: the basis refresh and the projection of every selected matrix.
 
-When each matrix refreshes is `_schedule`'s (official or staggered), how is `_refresh`'s
-(exact SVD or randomized), where is `_distributed`'s (with the params' layouts, each device
-refreshes its share of the matrices).
+When each matrix refreshes is `_schedule`'s (official or staggered), how is `_refresh`'s (a
+strategy: one function per kind), where is the refresher's (`_refresh.Refresher`, picked when
+`project` is constructed: `_refresh.LocalRefresh`, or `_distributed.DividedRefresh` when the
+params' layouts are given and each device refreshes its share of the matrices).
 
 Projected leaves leave this transform as :class:`fira_optax.LowRankUpdate` nodes carrying the
 basis, the gradient (in the leaf's matrix view `(*batch, m, n)`) and the low-rank gradient `R`;
@@ -11,23 +12,21 @@ basis, the gradient (in the leaf's matrix view `(*batch, m, n)`) and the low-ran
 
 from __future__ import annotations
 
-import math
-import zlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec
 
 from fira_optax import _schedule
 from fira_optax._checks import MAX_GAP, as_int, check_real
-from fira_optax._distributed import RefreshLeaf, divided_refresh, layout, mesh_and_specs
+from fira_optax._distributed import refresher as make_refresher
 from fira_optax._node import LowRankUpdate
-from fira_optax._refresh import DATA_FREE, RefreshFn, check_refresh, refresh_basis
+from fira_optax._refresh import Refresh, RefreshLeaf, check_refresh, matrix_keys, orthonormal
 from fira_optax._shapes import active as matrices_active
 from fira_optax._shapes import project_matrix
-from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec, make_spec
+from fira_optax._spec import ProjectionSpec
+from fira_optax._types import RefreshSchedule
 
 
 class ProjectState(NamedTuple):
@@ -56,26 +55,36 @@ def check_scale(scale: Any) -> None:
     check_real("scale", scale, low=0.0, low_open=True, what="a finite number > 0 (α)")
 
 
-def leaf_key(key: jax.Array, path: str) -> jax.Array:
-    """A per-leaf key from its key path (stable under `optax.masked` / `multi_transform`)."""
-    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+def check_spec(block: str, spec: Any) -> ProjectionSpec:
+    """`spec` itself, or a TypeError that names the fix (an int is a rank, not a spec)."""
+    if isinstance(spec, ProjectionSpec):
+        if spec.rank is None:
+            raise ValueError(f"{block}: the spec needs a rank: fo.ProjectionSpec(rank=...).")
+        return spec
+    if isinstance(spec, (int, jnp.integer)) or (hasattr(spec, "dtype") and spec.ndim == 0):
+        rank = int(spec) if not isinstance(spec, jax.core.Tracer) else "..."
+        raise TypeError(
+            f"{block}: the first argument is the projection, a ProjectionSpec; got {spec!r}. "
+            f"Pass fo.ProjectionSpec(rank={rank}) (with proj_type=, projected=, "
+            "dimension_numbers= as needed)."
+        )
+    raise TypeError(
+        f"{block}: spec must be a fira_optax.ProjectionSpec (fo.ProjectionSpec(rank=...)), "
+        f"got {spec!r}."
+    )
 
 
 def project(
-    rank: int | ProjectionSpec | None = None,
+    spec: ProjectionSpec,
+    *,
     update_proj_gap: int = 200,
     scale: jax.typing.ArrayLike = 1.0,
-    proj_type: str = "std",
-    *,
-    projected: ProjectedSpec = None,
-    dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str | RefreshFn = "svd",
-    refresh_schedule: str = "official",
+    refresh: Refresh = "svd",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
-    spec: ProjectionSpec | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformation:
-    r"""Projects the gradient of each selected matrix onto a rank-`rank` subspace.
+    r"""Projects the gradient of each selected matrix onto a rank-`spec.rank` subspace.
 
     Every `update_proj_gap` steps (at steps 1, T+1, 2T+1, ...) the basis is recomputed from the
     current gradient and used in the same step. Projected leaves leave this transform as
@@ -116,17 +125,14 @@ def project(
     device refreshes its share with the single-device code and random keys (so the bases equal
     the single-device ones to float32 round-off, sign rule included), and a second all-to-all
     returns each device the rows of the new bases its state holds. Non-refresh steps are
-    unchanged. Without it (or on one device) every device refreshes every matrix, as before.
+    unchanged. Without it (or on one device, or with a strategy that reads no gradient or a
+    callable) every device refreshes every matrix where it is.
 
     Args:
-      rank: target rank r (each matrix uses `k = min(r, m, n)`), or a
-        :class:`fira_optax.ProjectionSpec`.
+      spec: the :class:`fira_optax.ProjectionSpec` (rank, side rule, which leaves, as which
+        matrices), shared with the chain's other stateful blocks.
       update_proj_gap: T, steps between basis refreshes.
       scale: α > 0, the scale of the projected-back update.
-      proj_type: "std", "reverse_std", "left" or "right" (the side rule).
-      projected: which leaves are projected (see :class:`fira_optax.ProjectionSpec`).
-      dimension_numbers: how a leaf is read as matrices (see
-        :class:`fira_optax.ProjectionSpec`).
       refresh: how a basis is refreshed: "svd" (exact, float32, sign-canonical),
         "randomized" (subspace iteration warm-started from the previous basis; matmuls +
         thin QR), "random" (a Gaussian projection with entries `N(0, 1/k)`, drawn anew at
@@ -142,41 +148,41 @@ def project(
         `jax.sharding.NamedSharding` (None leaves: replicated), matched to the leaves by key
         path (so the whole tree also serves a transform inside `optax.multi_transform`): the
         refresh is then divided over their mesh (see above).
-      spec: the shared :class:`fira_optax.ProjectionSpec` (instead of rank/proj_type/
-        projected/dimension_numbers).
       seed: the seed of the random strategies ("randomized", "random",
         "random_orthonormal", a callable's `key`): each refresh of each matrix draws from a
         key derived from it, the step count and the leaf's key path.
 
     Returns:
       An `optax.GradientTransformation`.
+
+    Raises:
+      TypeError: when `spec` is not a :class:`fira_optax.ProjectionSpec` (an int names
+        `fo.ProjectionSpec(rank=...)`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import fira_optax as fo
+      >>> spec = fo.ProjectionSpec(rank=2)
+      >>> tx = optax.chain(
+      ...     fo.project(spec, update_proj_gap=10),
+      ...     fo.scale_by_low_rank_adam(spec=spec),
+      ...     fo.project_back(),
+      ... )
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> updates, state = tx.update(params, tx.init(params))
+      >>> updates["w"].shape
+      (4, 3)
     """
-    spec = make_spec("project", spec, rank, proj_type, projected, dimension_numbers)
+    spec = check_spec("project", spec)
     update_proj_gap = as_int("update_proj_gap", update_proj_gap, high=MAX_GAP)
     check_scale(scale)
     check_refresh(refresh)
     if not isinstance(seed, jax.core.Tracer):  # inject_hyperparams may trace it: fine
         seed = as_int("seed", seed, low=0, high=2**31 - 1)
     _schedule.check_schedule(refresh_schedule)
-    divisible = not callable(refresh) and refresh not in DATA_FREE
-    orthonormal = not callable(refresh) and refresh != "random"
-    if refresh_shardings is None or not divisible:
-        # A random strategy reads no gradient (no gradient moves; under jit each device draws
-        # what its sharded state holds); a callable runs where the gradient is.
-        mesh, spec_of = None, {}
-    else:
-        mesh, spec_of = mesh_and_specs(refresh_shardings)
-    if mesh is not None and mesh.size == 1:
-        mesh = None
-
-    def _spec_of(path: str) -> PartitionSpec:
-        if path not in spec_of:
-            known = ", ".join(sorted(spec_of)[:6])
-            raise ValueError(
-                f"project: refresh_shardings has no sharding for the projected leaf {path!r} "
-                f"(it has {known}, ...): pass the params' shardings, a tree like params."
-            )
-        return spec_of[path]
+    refresher = make_refresher(refresh, refresh_shardings)  # local, or divided over the mesh
+    is_orthonormal = orthonormal(refresh)
 
     def init_fn(params):
         bases = [
@@ -199,31 +205,32 @@ def project(
         key = jax.random.fold_in(jax.random.key(seed), state.count)
         grads, treedef = jax.tree.flatten(updates)
         plans = spec.flat_plans(updates)
-        bases = treedef.flatten_up_to(state.bases)
+        old_bases = treedef.flatten_up_to(state.bases)
         all_steps = treedef.flatten_up_to(state.steps)
-        alpha = jnp.asarray(scale, jnp.float32)
+        _check_bases(grads, plans, old_bases)
         if refresh_schedule == "staggered":
             offsets = _schedule.offsets(plans, update_proj_gap, refresh)
         else:
             offsets = [None] * len(plans)
 
-        for grad, plan, basis in zip(grads, plans, bases, strict=True):
-            if (plan is None) != (basis is None) or (
-                plan is not None and basis.shape != plan.basis_shape
-            ):
-                name = plan.path if plan is not None else "?"
-                have = None if basis is None else basis.shape
-                raise ValueError(
-                    f"project: leaf {name!r} of shape {grad.shape} needs a basis of shape "
-                    f"{None if plan is None else plan.basis_shape}, but the state holds "
-                    f"{have}: the state was initialised for different params (or a different "
-                    "spec)."
-                )
+        picked = [i for i, plan in enumerate(plans) if plan is not None]
+        leaves = [
+            RefreshLeaf(
+                grad=grads[i],
+                basis=old_bases[i],
+                plan=plans[i],
+                steps=all_steps[i],
+                due=_schedule.due(all_steps[i], update_proj_gap, offsets[i]),
+                offset=offsets[i],
+                keys=matrix_keys(key, plans[i].batch_shape, plans[i].path),
+            )
+            for i in picked
+        ]
+        bases = list(old_bases)
+        for i, basis in zip(picked, refresher(leaves), strict=True):
+            bases[i] = basis
 
-        old_bases = bases
-        if mesh is not None:  # one divided refresh of every projected matrix
-            bases = _divided(grads, plans, bases, all_steps, offsets, key)
-
+        alpha = jnp.asarray(scale, jnp.float32)
         new_updates, new_bases, new_steps = [], [], []
         for grad, plan, basis, old_basis, steps, offset in zip(
             grads, plans, bases, old_bases, all_steps, offsets, strict=True
@@ -234,24 +241,6 @@ def project(
                 new_steps.append(None)
                 continue
             grad_mxn = plan.view.to_matrix(grad)
-            if mesh is None:
-                due = _schedule.due(steps, update_proj_gap, offset)  # per matrix
-
-                def new_basis(grad_mxn=grad_mxn, basis=basis, plan=plan, due=due, steps=steps):
-                    key_leaf = leaf_key(key, plan.path)
-                    return refresh_basis(
-                        grad_mxn,
-                        basis,
-                        plan.k,
-                        plan.side,
-                        key_leaf,
-                        refresh,
-                        due,
-                        path=plan.path,
-                        steps=steps,
-                    )
-
-                basis = jax.lax.cond(jnp.any(due), new_basis, lambda basis=basis: basis)
             low_rank = project_matrix(grad_mxn, basis, plan.side)
             # Per matrix; idle only when the whole gradient is exactly zero. A non-zero
             # gradient orthogonal to the basis (R = 0) is a step like any other: the moments
@@ -266,13 +255,13 @@ def project(
                     grad=grad_mxn,
                     low_rank=low_rank,
                     direction=low_rank,
-                    residual_scale=None,
-                    scale=alpha,
-                    step_scale=jnp.ones([], jnp.float32),
+                    phi=None,
+                    alpha=alpha,
+                    bias_correction=jnp.ones([], jnp.float32),
                     step=steps,
                     active=active,
                     plan=plan,
-                    orthonormal=orthonormal,
+                    orthonormal=is_orthonormal,
                     basis_age=age,
                 )
             )
@@ -288,33 +277,20 @@ def project(
             ),
         )
 
-    def _divided(grads, plans, bases, all_steps, offsets, key):
-        """The bases after the divided refresh (a list like `bases`)."""
-        picked = [i for i, plan in enumerate(plans) if plan is not None]
-        if not picked:
-            return bases
-        mesh_shape = dict(mesh.shape)
-        leaves = []
-        for i in picked:
-            plan = plans[i]
-            size = math.prod(plan.batch_shape)
-            key_leaf = leaf_key(key, plan.path)
-            keys = jax.random.split(key_leaf, size) if plan.batch_shape else key_leaf[None]
-            due = _schedule.due(all_steps[i], update_proj_gap, offsets[i])
-            leaves.append(
-                RefreshLeaf(
-                    grad=grads[i],
-                    basis=bases[i],
-                    plan=plan,
-                    layout=layout(plan, _spec_of(plan.path), mesh_shape),
-                    keys=jax.random.key_data(keys),
-                    due=due.reshape(size),
-                )
-            )
-        new = divided_refresh(leaves, [offsets[i] for i in picked], mesh, refresh)
-        out = list(bases)
-        for i, basis in zip(picked, new, strict=True):
-            out[i] = basis
-        return out
-
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_bases(grads, plans, bases) -> None:
+    """Raises naming the leaf when the state's bases do not fit the leaves' plans."""
+    for grad, plan, basis in zip(grads, plans, bases, strict=True):
+        if (plan is None) != (basis is None) or (
+            plan is not None and basis.shape != plan.basis_shape
+        ):
+            name = plan.path if plan is not None else "?"
+            have = None if basis is None else basis.shape
+            raise ValueError(
+                f"project: leaf {name!r} of shape {grad.shape} needs a basis of shape "
+                f"{None if plan is None else plan.basis_shape}, but the state holds "
+                f"{have}: the state was initialised for different params (or a different "
+                "spec)."
+            )

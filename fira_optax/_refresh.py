@@ -1,4 +1,7 @@
-"""Basis refresh strategies: how a projected matrix gets its new basis.
+"""Basis refresh: how a projected matrix gets its new basis, and the one interface for it.
+
+**Strategies** (`refresh=` of :func:`fira_optax.project`), each one function on the *left
+form* `A` (`G`, or `Gᵀ` for a right basis, so that the basis spans the columns of `A`):
 
 - `"svd"`: the top-k singular vectors of the gradient (the reference: Fira, GaLore);
 - `"randomized"`: a randomized subspace iteration warm-started from the previous basis;
@@ -8,6 +11,20 @@
   orthonormal k-frames (GoLore's);
 - a callable `fn(grad_mxn, basis, key, *, k, side, path, step) -> new basis`: a user's own
   strategy (also how a test injects a reference implementation's projection matrices).
+
+A named strategy is a :class:`Strategy` in :data:`STRATEGIES`: its function
+`basis(a_mxn, old_mxk, k, key) -> (m, k)`, its cost (for the staggered schedule and the
+divided placement) and whether it reads the gradient. A new kind is that one function and one
+entry (plus its name in `_types.RefreshMethod`); both refreshers below run it unchanged.
+
+**Refreshers** (where the strategy runs): a :class:`Refresher` takes the projected leaves of
+a step (:class:`RefreshLeaf`: gradient, basis, plan, per-matrix step count, `due` and keys)
+and returns their new bases. :class:`LocalRefresh` refreshes each leaf where it is;
+`_distributed.DividedRefresh` divides the matrices over a mesh. `project` picks one when it
+is constructed (`_distributed.refresher`). Both decide per matrix with
+:func:`refresh_if_due` (refresh when due and the gradient is not exactly zero; keep the old
+basis when the result is not finite) and draw with :func:`matrix_keys`, so they give the same
+bases.
 
 The data-driven bases are *sign-canonical*, in float32: each kept basis vector (a column of
 `basis_mxk` for the left side, a row of `basis_kxn` for the right side) is multiplied by the
@@ -19,27 +36,32 @@ sign, so we fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-REFRESH_METHODS = ("svd", "randomized", "random", "random_orthonormal")
-
-#: The strategies that do not read the gradient (any device can draw any basis).
-DATA_FREE = ("random", "random_orthonormal")
+from fira_optax._shapes import LeafPlan
+from fira_optax._shapes import active as matrices_active
+from fira_optax._types import RefreshMethod
 
 #: A user's refresh: `fn(grad_mxn, basis, key, *, k, side, path, step) -> new basis`.
 RefreshFn = Callable[..., jax.Array]
+
+#: `refresh=`: a strategy's name or a user's callable.
+Refresh = RefreshMethod | RefreshFn
 
 
 def check_refresh(refresh: Any) -> None:
     """Raises a ValueError naming the choices unless `refresh` is a known name or callable."""
     if callable(refresh):
         return
-    if not isinstance(refresh, str) or refresh not in REFRESH_METHODS:
+    if not isinstance(refresh, str) or refresh not in STRATEGIES:
         raise ValueError(
             f"Unknown refresh {refresh!r}; expected one of {REFRESH_METHODS} or a callable "
             "fn(grad_mxn, basis, key, *, k, side, path, step) -> new basis."
@@ -51,18 +73,12 @@ OVERSAMPLE = 8
 POWER_ITERS = 2
 
 
-def refresh_cost(m: int, n: int, k: int, method: str) -> int:
-    """The work of refreshing one m×n matrix at rank k, up to a constant (for balancing).
-
-    `m·n·min(m, n)` for the exact (thin) SVD, whatever k (and for a user's callable);
-    `m·n·(k + oversample)` for the randomized refresh (its matmuls); `max(m, n)·k` to draw a
-    random projection (`·k` more for the QR of an orthonormal one).
-    """
-    if method in DATA_FREE:
-        return max(m, n) * k * (k if method == "random_orthonormal" else 1)
-    if method == "randomized":
-        return m * n * min(k + OVERSAMPLE, m, n)
-    return m * n * min(m, n)  # the SVD, and a user's strategy (as costly, for all we know)
+def refresh_cost(m: int, n: int, k: int, method: Refresh) -> int:
+    """The work of refreshing one m×n matrix at rank k, up to a constant (for balancing):
+    the strategy's :attr:`Strategy.cost`; a user's callable counts as the exact SVD (as
+    costly, for all we know)."""
+    strategy = STRATEGIES["svd" if callable(method) else method]
+    return strategy.cost(m, n, k)
 
 
 def canonicalize_signs(basis_mxk: jax.Array) -> jax.Array:
@@ -149,15 +165,184 @@ def random_basis(m: int, k: int, key: jax.Array, *, orthonormal: bool) -> jax.Ar
     return q_mxk * sign_k[None, :]
 
 
+# ----------------------------------------------------------------------------------------------
+# The strategies: one function each, on the left form.
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """A named refresh kind.
+
+    Attributes:
+      basis: `basis(a_mxn, old_mxk, k, key) -> (m, k)`: the new basis of one matrix in left
+        form (`a_mxn` float32; `old_mxk` the previous basis in left form, zeros before the
+        first refresh; `key` this matrix's key for this refresh).
+      cost: `cost(m, n, k)`, the work of one refresh up to a constant (for the staggered
+        offsets and the divided placement; symmetric in m and n).
+      reads_gradient: False for a data-free strategy (no gradient moves to draw it, so it is
+        never divided over a mesh: each device draws what its sharded state holds).
+      orthonormal: whether its bases have orthonormal columns (read by the blocks that
+        transport moments from one basis to the next).
+    """
+
+    basis: Callable[[jax.Array, jax.Array, int, jax.Array], jax.Array]
+    cost: Callable[[int, int, int], int]
+    reads_gradient: bool = True
+    orthonormal: bool = True
+
+
+#: The named strategies (`refresh="svd"`, ...): a new kind is one entry here.
+STRATEGIES: dict[str, Strategy] = {
+    "svd": Strategy(
+        basis=lambda a_mxn, old_mxk, k, key: svd_basis(a_mxn, k, "left"),
+        cost=lambda m, n, k: m * n * min(m, n),  # the thin SVD costs the same whatever k
+    ),
+    "randomized": Strategy(
+        basis=lambda a_mxn, old_mxk, k, key: randomized_basis(a_mxn, old_mxk, k, "left", key),
+        cost=lambda m, n, k: m * n * min(k + OVERSAMPLE, m, n),  # its matmuls
+    ),
+    "random": Strategy(
+        basis=lambda a_mxn, old_mxk, k, key: random_basis(
+            a_mxn.shape[-2], k, key, orthonormal=False
+        ),
+        cost=lambda m, n, k: max(m, n) * k,  # the draw
+        reads_gradient=False,
+        orthonormal=False,
+    ),
+    "random_orthonormal": Strategy(
+        basis=lambda a_mxn, old_mxk, k, key: random_basis(
+            a_mxn.shape[-2], k, key, orthonormal=True
+        ),
+        cost=lambda m, n, k: max(m, n) * k * k,  # the draw and its QR
+        reads_gradient=False,
+    ),
+}
+assert tuple(STRATEGIES) == get_args(RefreshMethod)
+
+REFRESH_METHODS = tuple(STRATEGIES)
+
+#: The strategies that do not read the gradient (any device can draw any basis).
+DATA_FREE = tuple(name for name, s in STRATEGIES.items() if not s.reads_gradient)
+
+
+def orthonormal(refresh: Refresh) -> bool:
+    """Whether `refresh` gives orthonormal bases (a user's callable: not assumed)."""
+    return not callable(refresh) and STRATEGIES[refresh].orthonormal
+
+
 def left_form_basis(
-    method: str, a_mxn: jax.Array, old_mxk: jax.Array | None, k: int, key: jax.Array
+    method: RefreshMethod, a_mxn: jax.Array, old_mxk: jax.Array | None, k: int, key: jax.Array
 ) -> jax.Array:
     """A named strategy's new basis on the left form (`A = G` or `Gᵀ`, float32): `(m, k)`."""
-    if method == "svd":
-        return svd_basis(a_mxn, k, "left")
-    if method == "randomized":
-        return randomized_basis(a_mxn, old_mxk, k, "left", key)
-    return random_basis(a_mxn.shape[-2], k, key, orthonormal=method == "random_orthonormal")
+    return STRATEGIES[method].basis(a_mxn, old_mxk, k, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rules both refreshers share: keys, and when a matrix takes its new basis.
+
+
+def matrix_keys(key: jax.Array, batch_shape: tuple[int, ...], path: str | None = None):
+    """The keys of a leaf's matrices for one refresh, flat `(prod(batch_shape),)`.
+
+    `key` is the step's key (`project` folds the step count into its seed); with `path` the
+    leaf's key path is folded in first (stable under `optax.masked` / `multi_transform`), then
+    a stack of matrices splits it, one key per matrix (a single matrix uses it as is).
+    """
+    if path is not None:
+        key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    if not batch_shape:
+        return key[None]
+    return jax.random.split(key, math.prod(batch_shape))
+
+
+def refresh_if_due(
+    compute: Callable[[], jax.Array], grad_mxn: jax.Array, due: jax.Array, shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """One matrix's refresh: `(candidate, refreshed)`; where `refreshed` is False the matrix
+    keeps its old basis (and `candidate` is zeros of `shape`).
+
+    A matrix is refreshed when it is `due` and its gradient is not exactly zero — an idle
+    expert or a frozen layer keeps its basis (the SVD of zero would replace it by an arbitrary
+    one) — and the new basis is finite (a non-finite gradient, an SVD that did not converge:
+    the old basis stays). `compute` runs only for a refreshed matrix (`lax.cond`).
+    """
+
+    def go():
+        candidate = compute()
+        return candidate, jnp.all(jnp.isfinite(candidate))
+
+    def skip():
+        return jnp.zeros(shape, jnp.float32), jnp.zeros((), bool)
+
+    return jax.lax.cond(due & matrices_active(grad_mxn), go, skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# The interface, and the refresh where each leaf is.
+
+
+class RefreshLeaf(NamedTuple):
+    """One projected leaf handed to a :class:`Refresher` at a step.
+
+    Attributes:
+      grad: the gradient leaf, in the param's shape.
+      basis: its current basis `(*batch, m, k)` (left) or `(*batch, k, n)` (right), zeros
+        before the first refresh.
+      plan: the leaf's static plan (matrix view, side, k, key path).
+      steps: per matrix, the steps it took before this one (int32, stack shape).
+      due: per matrix, whether the schedule refreshes it at this step (bool, stack shape).
+      offset: its staggered offsets (stack shape, static), or None (official schedule).
+      keys: per matrix, its key for this refresh, flat (:func:`matrix_keys`).
+    """
+
+    grad: jax.Array
+    basis: jax.Array
+    plan: LeafPlan
+    steps: jax.Array
+    due: jax.Array
+    offset: np.ndarray | None
+    keys: jax.Array
+
+
+class Refresher(Protocol):
+    """Where a strategy runs: `refresher(leaves) -> new bases`, one per leaf, in the state's
+    shape and layout (a matrix not refreshed keeps its basis)."""
+
+    def __call__(self, leaves: Sequence[RefreshLeaf]) -> list[jax.Array]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRefresh:
+    """Every leaf refreshed where it is, one matrix at a time.
+
+    Under SPMD the partitioner all-gathers each refreshed gradient and every device computes
+    every decomposition (`_distributed.DividedRefresh` divides them instead). A leaf with no
+    matrix due skips its refresh (`lax.cond`).
+    """
+
+    refresh: Refresh
+
+    def __call__(self, leaves: Sequence[RefreshLeaf]) -> list[jax.Array]:
+        return [self.leaf(leaf) for leaf in leaves]
+
+    def leaf(self, leaf: RefreshLeaf) -> jax.Array:
+        plan = leaf.plan
+        grad_mxn = plan.view.to_matrix(leaf.grad)
+
+        def new_basis():
+            return _refresh_matrices(
+                grad_mxn,
+                leaf.basis,
+                plan.k,
+                plan.side,
+                leaf.keys,
+                self.refresh,
+                leaf.due,
+                path=plan.path,
+                steps=leaf.steps,
+            )
+
+        return jax.lax.cond(jnp.any(leaf.due), new_basis, lambda: leaf.basis)
 
 
 def refresh_basis(
@@ -166,13 +351,15 @@ def refresh_basis(
     k: int,
     side: str,
     key: jax.Array,
-    refresh: str | RefreshFn,
+    refresh: Refresh,
     due: jax.Array | None = None,
     *,
     path: str = "",
     steps: jax.Array | None = None,
 ) -> jax.Array:
-    """A new basis for the due matrices of a (stack of) matrices `(..., m, n)`.
+    """A new basis for the due matrices of a (stack of) matrices `(..., m, n)`, with `key`
+    the leaf's key (split per matrix by :func:`matrix_keys`): :class:`LocalRefresh`'s work on
+    one leaf.
 
     `refresh` is a strategy name (see the module) or a callable, called per matrix as
     `refresh(grad_mxn, basis, key, k=k, side=side, path=path, step=step)` with the float32
@@ -181,11 +368,15 @@ def refresh_basis(
     number is `step // update_proj_gap` on the official schedule); it returns the new basis
     in the old one's shape.
 
-    A matrix is refreshed when it is `due` (a bool per matrix, shape `(...)`; default: all)
-    and its gradient is not exactly zero — an idle expert or a frozen layer keeps its basis (the
-    SVD of zero would replace it by an arbitrary one), and so does a matrix whose refresh fails
-    (non-finite gradient, an SVD that did not converge). The decomposition runs only for the
-    matrices refreshed (`lax.cond` per matrix).
+    Which matrices take a new basis is :func:`refresh_if_due`'s (`due`: a bool per matrix,
+    shape `(...)`; default: all).
+    """
+    keys = matrix_keys(key, tuple(grad.shape[:-2]))
+    return _refresh_matrices(grad, basis, k, side, keys, refresh, due, path=path, steps=steps)
+
+
+def _refresh_matrices(grad, basis, k, side, keys, refresh, due, *, path, steps):
+    """:func:`refresh_basis` with the per-matrix keys given (flat, as :func:`matrix_keys`).
 
     Stacked leaves are refreshed one matrix at a time (`lax.map`): XLA:CPU's batched LAPACK
     kernels split a batch over the intra-op thread pool and block on it, which can deadlock
@@ -212,22 +403,20 @@ def refresh_basis(
                         f"for leaf {path!r}, which needs {basis_old.shape} ({side} side, "
                         f"k={k})."
                     )
-            else:
-                a_mxn = _to_left(grad_mxn, side)
-                old_mxk = _from_left(basis_old.astype(jnp.float32), side)
-                candidate = _from_left(left_form_basis(refresh, a_mxn, old_mxk, k, key_one), side)
-            return jnp.where(jnp.all(jnp.isfinite(candidate)), candidate, basis_old)
+                return candidate
+            a_mxn = _to_left(grad_mxn, side)
+            old_mxk = _from_left(basis_old.astype(jnp.float32), side)
+            return _from_left(left_form_basis(refresh, a_mxn, old_mxk, k, key_one), side)
 
-        go = due_one & jnp.any(grad_mxn != 0)
-        return jax.lax.cond(go, compute, lambda: basis_old)
+        candidate, refreshed = refresh_if_due(compute, grad_mxn, due_one, basis_old.shape)
+        return jnp.where(refreshed, candidate, basis_old)
 
     batch = grad.shape[:-2]
     due = jnp.ones(batch, bool) if due is None else jnp.broadcast_to(due, batch)
     steps = jnp.zeros(batch, jnp.int32) if steps is None else jnp.broadcast_to(steps, batch)
     if not batch:
-        return one(grad, basis, key, due, steps)
+        return one(grad, basis, keys[0], due, steps)
     size = math.prod(batch)
-    keys = jax.random.split(key, size)
     flat = jax.lax.map(
         lambda args: one(*args),
         (

@@ -22,7 +22,8 @@ whose summed cost is lowest. When there are at most `T` matrices every phase hol
 and they are spread evenly over the window (`o = ⌊i·T/N⌋` for the i-th of `N`). The cost
 counts the work of one refresh, so that each step carries about the same work, not the same
 number of leaves: `m·n·min(m, n)` for the exact SVD (the thin SVD costs the same whatever k),
-`m·n·(k + oversample)` for the randomized refresh. The offsets depend only on the projected
+`m·n·(k + oversample)` for the randomized refresh (each strategy's `cost`,
+`_refresh.STRATEGIES`). The offsets depend only on the projected
 matrices a transform sees: a Fira group inside `optax.multi_transform` gets the same offsets
 as `fo.fira(projected=mask)` on the whole tree.
 """
@@ -31,15 +32,17 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fira_optax._refresh import refresh_cost
+from fira_optax._refresh import Refresh, refresh_cost
 from fira_optax._shapes import LeafPlan
+from fira_optax._types import RefreshSchedule
 
-SCHEDULES = ("official", "staggered")
+SCHEDULES = get_args(RefreshSchedule)
 
 
 def check_schedule(schedule: str) -> None:
@@ -47,13 +50,13 @@ def check_schedule(schedule: str) -> None:
         raise ValueError(f"Unknown refresh_schedule {schedule!r}; expected one of {SCHEDULES}.")
 
 
-def offsets(plans: list[LeafPlan | None], gap: int, method: str) -> list[np.ndarray | None]:
+def offsets(plans: list[LeafPlan | None], gap: int, method: Refresh) -> list[np.ndarray | None]:
     """The staggered offsets: per projected leaf an int32 array of its stack shape, in `[0, T)`.
 
     Args:
       plans: the leaves' plans (None for leaves that are not projected), in tree order.
       gap: T, the refresh period.
-      method: "svd" or "randomized" (sets the cost of a matrix).
+      method: the refresh strategy (its cost, `_refresh.refresh_cost`, weighs a matrix).
 
     Returns:
       A list aligned with `plans`: None for leaves that are not projected.
