@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fira_optax._checks import MAX_GAP, as_int, concrete
 from fira_optax._limiter import limit_norm_growth
 from fira_optax._project import project
 from fira_optax._project_back import project_back
-from fira_optax._refresh import RefreshFn, check_refresh, left_form_basis, svd_basis
+from fira_optax._refresh import Refresh, check_refresh, left_form_basis, svd_basis
 from fira_optax._residual import norm_scale_residual
 from fira_optax._shapes import active as matrices_active
-from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec
+from fira_optax._spec import BoolTree, DimensionNumbersSpec, ProjectedSpec, ProjectionSpec
 from fira_optax._subspace import in_subspace, scale_by_low_rank_adam
+from fira_optax._types import ProjType, RefreshSchedule
+
+#: `mask=` of the weight decay (optax.adamw's): a pytree of bools like params (or a prefix of
+#: it), or a callable `params -> that pytree`; True: the leaf is decayed.
+DecayMask = BoolTree | Callable[[optax.Params], BoolTree] | None
 
 
 def _low_rank_direction(
@@ -25,15 +32,15 @@ def _low_rank_direction(
     rank: int,
     update_proj_gap: int,
     scale: jax.typing.ArrayLike,
-    proj_type: str,
+    proj_type: ProjType,
     b1: jax.typing.ArrayLike,
     b2: jax.typing.ArrayLike,
     eps: jax.typing.ArrayLike,
     gamma: jax.typing.ArrayLike,
     projected: ProjectedSpec,
     dimension_numbers: DimensionNumbersSpec,
-    refresh: str | RefreshFn,
-    refresh_schedule: str,
+    refresh: Refresh,
+    refresh_schedule: RefreshSchedule,
     refresh_shardings: Any,
     mu_dtype: Any,
     base_optimizer: optax.GradientTransformation | None,
@@ -43,18 +50,18 @@ def _low_rank_direction(
     project_back`, every stateful block sharing one spec."""
     spec = ProjectionSpec(rank, proj_type, projected, dimension_numbers)
     if base_optimizer is None:
-        subspace = scale_by_low_rank_adam(b1, b2, eps, spec=spec, mu_dtype=mu_dtype)
+        subspace = scale_by_low_rank_adam(spec, b1, b2, eps, mu_dtype=mu_dtype)
     else:
         if mu_dtype is not None:
             raise ValueError(
                 "mu_dtype is an option of the default subspace Adam; with "
                 "base_optimizer=, set the dtype in the base optimizer."
             )
-        subspace = in_subspace(base_optimizer, spec=spec)
-    residual = (norm_scale_residual(), limit_norm_growth(gamma, spec=spec)) if fira else ()
+        subspace = in_subspace(spec, base_optimizer)
+    residual = (norm_scale_residual(), limit_norm_growth(spec, gamma)) if fira else ()
     return optax.chain(
         project(
-            spec=spec,
+            spec,
             update_proj_gap=update_proj_gap,
             scale=scale,
             refresh=refresh,
@@ -73,14 +80,14 @@ def scale_by_galore(
     *,
     update_proj_gap: int = 200,
     scale: jax.typing.ArrayLike = 1.0,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str | RefreshFn = "svd",
-    refresh_schedule: str = "official",
+    refresh: Refresh = "svd",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
@@ -113,15 +120,15 @@ def scale_by_fira(
     *,
     update_proj_gap: int = 200,
     scale: jax.typing.ArrayLike = 1.0,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     gamma: jax.typing.ArrayLike = 1.01,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str | RefreshFn = "svd",
-    refresh_schedule: str = "official",
+    refresh: Refresh = "svd",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
@@ -167,6 +174,8 @@ class ScaleByLearningRateState(NamedTuple):
 def scale_by_learning_rate_and_decay(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: optax.ScalarOrSchedule | None = None,
+    *,
+    mask: DecayMask = None,
 ) -> optax.GradientTransformation:
     """`W ← W − lr_t·u`, then decoupled decay *of the updated weights*: `W ← W − lr_t·wd·W`.
 
@@ -176,6 +185,8 @@ def scale_by_learning_rate_and_decay(
     Args:
       learning_rate: a scalar or a schedule `count -> lr`.
       weight_decay: None or 0 (no decay), a scalar or a schedule `count -> wd`.
+      mask: which leaves are decayed, as in `optax.adamw`: None (all), a pytree of bools like
+        params (or a prefix of it; True: decayed) or a callable `params -> that pytree`.
 
     Returns:
       An `optax.GradientTransformation`. It needs `params` when there is weight decay. Under
@@ -196,7 +207,7 @@ def scale_by_learning_rate_and_decay(
     def update_fn(updates, state, params=None, *, decays=None):
         # `decays` (internal, from fira/galore): a list aligned with the update leaves, None
         # (decay) or a bool array of the leaf's shape (decay where True): idle matrices are
-        # not decayed.
+        # not decayed. The user's `mask` narrows it further.
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr, jnp.float32)
         if no_decay:
@@ -214,20 +225,49 @@ def scale_by_learning_rate_and_decay(
 
             def decayed(u, p, keep=None):
                 step = -lr * u.astype(jnp.float32)
+                if keep is False:
+                    return step.astype(u.dtype)
                 decay = lr * wd * (p.astype(jnp.float32) + step)
                 if keep is not None:
                     decay = jnp.where(keep, decay, 0.0)
                 return (step - decay).astype(u.dtype)
 
-            if decays is None:
-                new = jax.tree.map(decayed, updates, params)
-            else:
-                leaves, treedef = jax.tree.flatten(updates)
-                pairs = zip(leaves, treedef.flatten_up_to(params), decays, strict=True)
-                new = treedef.unflatten([decayed(u, p, keep) for u, p, keep in pairs])
+            leaves, treedef = jax.tree.flatten(updates)
+            keeps = decayed_where(mask, params, treedef, decays)
+            pairs = zip(leaves, treedef.flatten_up_to(params), keeps, strict=True)
+            new = treedef.unflatten([decayed(u, p, keep) for u, p, keep in pairs])
         return new, ScaleByLearningRateState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def decayed_where(mask: DecayMask, params: Any, treedef: Any, decays: list | None) -> list:
+    """Where each leaf (of `treedef`) is decayed: None (everywhere), False (nowhere) or a
+    bool array of the leaf's shape: the user's `mask` (optax.adamw's) and the active
+    matrices (`decays`, from :func:`_active_matrices`, or None)."""
+    decays = [None] * treedef.num_leaves if decays is None else decays
+    if mask is None:
+        return decays
+    tree = mask(params) if callable(mask) else mask
+    try:  # a pytree like params, or a prefix of it
+        flat = treedef.flatten_up_to(
+            jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "mask: expected a pytree of bools like params (or a prefix of it), or a callable "
+            f"returning one; the tree does not match params: {e} (Under "
+            "optax.inject_hyperparams a function passed as mask is called as a schedule: "
+            "list 'mask' in static_args.)"
+        ) from None
+
+    def keep(m, active):
+        if isinstance(m, (bool, np.bool_)):
+            return active if m else False
+        m = jnp.asarray(m, bool)
+        return m if active is None else m & active
+
+    return [keep(m, active) for m, active in zip(flat, decays, strict=True)]
 
 
 def _active_matrices(grads: Any, spec: ProjectionSpec) -> list:
@@ -251,11 +291,12 @@ def _with_learning_rate(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: optax.ScalarOrSchedule | None,
     spec: ProjectionSpec,
+    mask: DecayMask = None,
 ) -> optax.GradientTransformation:
     """`optax.chain(direction, scale_by_learning_rate_and_decay(...))` (the same state),
     whose weight decay skips idle matrices (an exactly zero gradient), as PyTorch skips a
-    parameter whose `grad` is None."""
-    lr = scale_by_learning_rate_and_decay(learning_rate, weight_decay)
+    parameter whose `grad` is None, and the leaves `mask` leaves out."""
+    lr = scale_by_learning_rate_and_decay(learning_rate, weight_decay, mask=mask)
     if weight_decay is None:
         return optax.chain(direction, lr)
     direction = optax.with_extra_args_support(direction)
@@ -278,15 +319,16 @@ def galore(
     *,
     update_proj_gap: int = 200,
     scale: jax.typing.ArrayLike = 1.0,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: DecayMask = None,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str | RefreshFn = "svd",
-    refresh_schedule: str = "official",
+    refresh: Refresh = "svd",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
@@ -310,6 +352,9 @@ def galore(
       weight_decay: None (no decay) or decoupled decay, applied after the step to the
         updated weights, times lr_t. An idle matrix (a projected matrix whose gradient is
         exactly zero) is not decayed, as PyTorch skips a parameter without a gradient.
+      mask: which leaves are decayed, as in `optax.adamw`: None (all), a pytree of bools
+        like params (or a prefix of it; True: decayed) or a callable `params -> that
+        pytree`. Idle matrices are not decayed either way.
       projected: which leaves are projected; see :class:`ProjectionSpec`.
       dimension_numbers: how a leaf is read as matrices; see :class:`ProjectionSpec`.
       refresh: "svd", "randomized", "random", "random_orthonormal" or a callable; see
@@ -363,10 +408,11 @@ def galore(
         learning_rate,
         weight_decay,
         ProjectionSpec(rank, proj_type, projected, dimension_numbers),
+        mask,
     )
 
 
-def _golore_refresh(svd_steps: int, refresh: str | RefreshFn) -> RefreshFn:
+def _golore_refresh(svd_steps: int, refresh: Refresh) -> Refresh:
     """GoLore's strategy: the top-k SVD while a matrix's step count is below `svd_steps`,
     `refresh` (a random strategy, or a callable) afterwards."""
 
@@ -392,14 +438,14 @@ def scale_by_golore(
     update_proj_gap: int = 200,
     svd_steps: int = 0,
     scale: jax.typing.ArrayLike = 1.0,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str | RefreshFn = "random_orthonormal",
-    refresh_schedule: str = "official",
+    refresh: Refresh = "random_orthonormal",
+    refresh_schedule: RefreshSchedule = "official",
     mu_dtype: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformation:
@@ -418,14 +464,14 @@ def scale_by_golore(
     spec = ProjectionSpec(rank, proj_type, projected, dimension_numbers)
     return optax.chain(
         project(
-            spec=spec,
+            spec,
             update_proj_gap=update_proj_gap,
             scale=scale,
             refresh=_golore_refresh(svd_steps, refresh),
             refresh_schedule=refresh_schedule,
             seed=seed,
         ),
-        scale_by_low_rank_adam(b1, b2, eps, spec=spec, mu_dtype=mu_dtype, on_refresh="transport"),
+        scale_by_low_rank_adam(spec, b1, b2, eps, mu_dtype=mu_dtype, on_refresh="transport"),
         project_back(),
     )
 
@@ -437,15 +483,16 @@ def golore(
     update_proj_gap: int = 200,
     svd_steps: int = 0,
     scale: jax.typing.ArrayLike = 1.0,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: DecayMask = None,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str | RefreshFn = "random_orthonormal",
-    refresh_schedule: str = "official",
+    refresh: Refresh = "random_orthonormal",
+    refresh_schedule: RefreshSchedule = "official",
     mu_dtype: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformation:
@@ -484,6 +531,9 @@ def golore(
       b2: second-moment decay.
       eps: added to `√v` (HF-style).
       weight_decay: None or decoupled decay (as in :func:`galore`).
+      mask: which leaves are decayed, as in `optax.adamw`: None (all), a pytree of bools
+        like params (or a prefix of it; True: decayed) or a callable `params -> that
+        pytree`. Idle matrices are not decayed either way.
       projected: which leaves are projected; see :class:`ProjectionSpec`.
       dimension_numbers: how a leaf is read as matrices; see :class:`ProjectionSpec`.
       refresh: the strategy after `svd_steps`: "random_orthonormal" (the paper's),
@@ -525,6 +575,7 @@ def golore(
         learning_rate,
         weight_decay,
         ProjectionSpec(rank, proj_type, projected, dimension_numbers),
+        mask,
     )
 
 
@@ -534,16 +585,17 @@ def fira(
     *,
     update_proj_gap: int = 200,
     scale: jax.typing.ArrayLike = 1.0,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: DecayMask = None,
     gamma: jax.typing.ArrayLike = 1.01,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str | RefreshFn = "svd",
-    refresh_schedule: str = "official",
+    refresh: Refresh = "svd",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     base_optimizer: optax.GradientTransformation | None = None,
@@ -558,7 +610,8 @@ def fira(
     1. every `T` steps (`t = 1, T+1, …`) refresh the orthonormal basis `P` from the float32 SVD
        of the current `G`: left `P = U_{:, :k}` (m×k), right `P = V^\top_{:k, :}` (k×n); the
        side follows `proj_type` ("std": right if m ≥ n else left);
-    2. project: `R = P^\top G` (left) or `R = G P^\top` (right); `back(X) = α P X` or `α X P`;
+    2. project: `R = P^\top G` (left) or `R = G P^\top` (right); the back-projection is
+       `back(X) = P X` (left) or `X P` (right), scaled by α;
     3. Adam in the subspace (HF-style, ε outside the root, no bias correction here):
 
        .. math::
@@ -569,7 +622,7 @@ def fira(
 
        .. math::
          φ = \frac{\lVert N \rVert}{\lVert R \rVert + 10^{-8}},\qquad
-         S = φ \odot (G - \mathrm{back}(R))
+         S = φ \odot (G - α\,\mathrm{back}(R))
 
     5. norm-growth limiter (first step: remember `g = ‖S‖`):
 
@@ -580,7 +633,7 @@ def fira(
     6. update, with `s_t = lr_t \sqrt{1-β_2^t} / (1-β_1^t)`:
 
        .. math::
-         W ← W - s_t\,(\mathrm{back}(N) + S), \qquad W ← W - lr_t\, wd\, W
+         W ← W - s_t\,(α\,\mathrm{back}(N) + S), \qquad W ← W - lr_t\, wd\, W
 
     Leaves that are not projected get the same AdamW step with `R = G` (no φ, no limiter).
     Moments and the limiter memory are carried across refreshes. The bases are sign-canonical
@@ -599,6 +652,9 @@ def fira(
       weight_decay: None (no decay) or decoupled decay, applied after the step to the
         updated weights, times lr_t. An idle matrix (a projected matrix whose gradient is
         exactly zero) is not decayed, as PyTorch skips a parameter without a gradient.
+      mask: which leaves are decayed, as in `optax.adamw`: None (all), a pytree of bools
+        like params (or a prefix of it; True: decayed) or a callable `params -> that
+        pytree`. Idle matrices are not decayed either way.
       gamma: γ ≥ 1, the limiter's allowed norm growth per step.
       projected: which leaves are projected; see :class:`ProjectionSpec` (default: the
         attention / MLP kernels — leaves with a matrix view that are not embeddings, heads,
@@ -661,4 +717,5 @@ def fira(
         learning_rate,
         weight_decay,
         ProjectionSpec(rank, proj_type, projected, dimension_numbers),
+        mask,
     )

@@ -14,14 +14,15 @@ from typing import Any
 import jax
 import optax
 
-from fira_optax._alias import _with_learning_rate
+from fira_optax._alias import DecayMask, _with_learning_rate
 from fira_optax._limiter import limit_norm_growth
 from fira_optax._project import project
 from fira_optax._project_back import project_back
-from fira_optax._refresh import RefreshFn
+from fira_optax._refresh import Refresh
 from fira_optax._residual import norm_scale_gradient
 from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec
 from fira_optax._subspace import scale_by_low_rank_adam
+from fira_optax._types import ProjType, RefreshSchedule, ScaleType
 
 #: APOLLO-Mini: a rank-1 subspace and one scale per matrix (the official recommendation).
 MINI_RANK = 1
@@ -32,9 +33,9 @@ def scale_by_apollo(
     *,
     update_proj_gap: int = 200,
     scale: jax.typing.ArrayLike = 1.0,
-    scale_type: str = "channel",
-    proj_type: str = "std",
-    refresh: str | RefreshFn = "random",
+    scale_type: ScaleType = "channel",
+    proj_type: ProjType = "std",
+    refresh: Refresh = "random",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
@@ -42,7 +43,7 @@ def scale_by_apollo(
     scale_front: bool = False,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh_schedule: str = "official",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     seed: int = 0,
@@ -53,10 +54,10 @@ def scale_by_apollo(
     blocks; the limiter only when `gamma` is not None)::
 
       optax.chain(
-          fo.project(spec=spec, update_proj_gap=..., refresh="random", seed=...),
-          fo.scale_by_low_rank_adam(b1, b2, eps, spec=spec),
+          fo.project(spec, update_proj_gap=..., refresh="random", seed=...),
+          fo.scale_by_low_rank_adam(spec, b1, b2, eps),
           fo.norm_scale_gradient(scale_type, scale=scale, scale_front=scale_front),
-          fo.limit_norm_growth(gamma, spec=spec),
+          fo.limit_norm_growth(spec, gamma),
           fo.project_back(),
       )
 
@@ -86,17 +87,17 @@ def scale_by_apollo(
       An `optax.GradientTransformation`.
     """
     spec = ProjectionSpec(rank, proj_type, projected, dimension_numbers)
-    limiter = () if gamma is None else (limit_norm_growth(gamma, spec=spec),)
+    limiter = () if gamma is None else (limit_norm_growth(spec, gamma),)
     return optax.chain(
         project(
-            spec=spec,
+            spec,
             update_proj_gap=update_proj_gap,
             refresh=refresh,
             refresh_schedule=refresh_schedule,
             refresh_shardings=refresh_shardings,
             seed=seed,
         ),
-        scale_by_low_rank_adam(b1, b2, eps, spec=spec, mu_dtype=mu_dtype),
+        scale_by_low_rank_adam(spec, b1, b2, eps, mu_dtype=mu_dtype),
         norm_scale_gradient(scale_type, scale=scale, scale_front=scale_front),
         *limiter,
         project_back(),
@@ -109,18 +110,19 @@ def apollo(
     *,
     update_proj_gap: int = 200,
     scale: jax.typing.ArrayLike = 1.0,
-    scale_type: str = "channel",
-    proj_type: str = "std",
-    refresh: str | RefreshFn = "random",
+    scale_type: ScaleType = "channel",
+    proj_type: ProjType = "std",
+    refresh: Refresh = "random",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     gamma: jax.typing.ArrayLike | None = 1.01,
     scale_front: bool = False,
     weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: DecayMask = None,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh_schedule: str = "official",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     seed: int = 0,
@@ -211,6 +213,9 @@ def apollo(
       weight_decay: None (no decay) or decoupled decay, applied after the step to the
         updated weights, times lr_t. An idle matrix (a projected matrix whose gradient is
         exactly zero) is not decayed, as PyTorch skips a parameter without a gradient.
+      mask: which leaves are decayed, as in `optax.adamw`: None (all), a pytree of bools
+        like params (or a prefix of it; True: decayed) or a callable `params -> that
+        pytree`. Idle matrices are not decayed either way.
       projected: which leaves are projected; see :class:`ProjectionSpec`.
       dimension_numbers: how a leaf is read as (a stack of) matrices; see
         :class:`ProjectionSpec`.
@@ -265,6 +270,7 @@ def apollo(
         learning_rate,
         weight_decay,
         ProjectionSpec(rank, proj_type, projected, dimension_numbers),
+        mask,
     )
 
 
@@ -273,17 +279,18 @@ def apollo_mini(
     *,
     update_proj_gap: int = 200,
     scale: jax.typing.ArrayLike = 128.0,
-    proj_type: str = "std",
-    refresh: str | RefreshFn = "random",
+    proj_type: ProjType = "std",
+    refresh: Refresh = "random",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     gamma: jax.typing.ArrayLike | None = 1.01,
     scale_front: bool = False,
     weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: DecayMask = None,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh_schedule: str = "official",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     seed: int = 0,
@@ -317,6 +324,7 @@ def apollo_mini(
       scale_front: multiply by `√scale` before the limiter instead of after it
         (recommended by the official code for short warm-ups).
       weight_decay: None (no decay) or decoupled decay of the updated weights, times lr_t.
+      mask: which leaves are decayed (as in :func:`apollo`).
       projected: which leaves are projected; see :class:`ProjectionSpec`.
       dimension_numbers: how a leaf is read as matrices; see :class:`ProjectionSpec`.
       refresh_schedule: "official" or "staggered"; see :func:`project`.
@@ -354,6 +362,7 @@ def apollo_mini(
         gamma=gamma,
         scale_front=scale_front,
         weight_decay=weight_decay,
+        mask=mask,
         projected=projected,
         dimension_numbers=dimension_numbers,
         refresh_schedule=refresh_schedule,

@@ -13,31 +13,38 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_optax._alias import ScaleByLearningRateState, _active_matrices, _with_learning_rate
+from fira_optax._alias import (
+    DecayMask,
+    ScaleByLearningRateState,
+    _active_matrices,
+    _with_learning_rate,
+    decayed_where,
+)
 from fira_optax._checks import concrete
 from fira_optax._project import project
 from fira_optax._project_back import project_back
-from fira_optax._refresh import RefreshFn
+from fira_optax._refresh import Refresh
 from fira_optax._residual import STATE_FREE_RULES, state_free_residual
 from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec
 from fira_optax._subspace import scale_by_low_rank_adam
+from fira_optax._types import ProjType, RefreshSchedule, StateFreeRule
 
 
 def scale_by_frugal(
     rank: int,
     *,
     update_proj_gap: int = 200,
-    state_free: str | None = "sign",
+    state_free: StateFreeRule | None = "sign",
     state_free_learning_rate_ratio: jax.typing.ArrayLike = 1.0,
     reset_statistics: bool = True,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str | RefreshFn = "svd",
-    refresh_schedule: str = "official",
+    refresh: Refresh = "svd",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     seed: int = 0,
@@ -60,7 +67,7 @@ def scale_by_frugal(
         residual.append(state_free_residual(state_free, state_free_learning_rate_ratio))
     return optax.chain(
         project(
-            spec=spec,
+            spec,
             update_proj_gap=update_proj_gap,
             refresh=refresh,
             refresh_schedule=refresh_schedule,
@@ -68,10 +75,10 @@ def scale_by_frugal(
             seed=seed,
         ),
         scale_by_low_rank_adam(
+            spec,
             b1,
             b2,
             eps,
-            spec=spec,
             mu_dtype=mu_dtype,
             bias_correction="torch",
             on_refresh="reset" if reset_statistics else "keep",
@@ -82,7 +89,9 @@ def scale_by_frugal(
 
 
 def _decay_then_step(
-    learning_rate: optax.ScalarOrSchedule, weight_decay: optax.ScalarOrSchedule
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: DecayMask = None,
 ) -> optax.GradientTransformation:
     """`W ← W − lr_t·wd·W − lr_t·u`: PyTorch AdamW's decoupled decay of the weights *before*
     the step (the official FRUGAL code's), where `fo.fira`'s decays the updated weights. The
@@ -106,14 +115,16 @@ def _decay_then_step(
         wd = jnp.asarray(wd, jnp.float32)
 
         def step(u, p, keep):
+            if keep is False:
+                return (-lr * u.astype(jnp.float32)).astype(u.dtype)
             decay = lr * wd * p.astype(jnp.float32)
             if keep is not None:
                 decay = jnp.where(keep, decay, 0.0)
             return (-lr * u.astype(jnp.float32) - decay).astype(u.dtype)
 
         leaves, treedef = jax.tree.flatten(updates)
-        decays = [None] * len(leaves) if decays is None else decays
-        pairs = zip(leaves, treedef.flatten_up_to(params), decays, strict=True)
+        keeps = decayed_where(mask, params, treedef, decays)
+        pairs = zip(leaves, treedef.flatten_up_to(params), keeps, strict=True)
         new = treedef.unflatten([step(u, p, keep) for u, p, keep in pairs])
         return new, ScaleByLearningRateState(count=optax.safe_increment(state.count))
 
@@ -125,18 +136,19 @@ def frugal(
     rank: int,
     *,
     update_proj_gap: int = 200,
-    state_free: str | None = "sign",
+    state_free: StateFreeRule | None = "sign",
     state_free_learning_rate_ratio: jax.typing.ArrayLike = 1.0,
     reset_statistics: bool = True,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: DecayMask = None,
     projected: ProjectedSpec = None,
     dimension_numbers: DimensionNumbersSpec = None,
-    refresh: str | RefreshFn = "svd",
-    refresh_schedule: str = "official",
+    refresh: Refresh = "svd",
+    refresh_schedule: RefreshSchedule = "official",
     refresh_shardings: Any = None,
     mu_dtype: Any = None,
     seed: int = 0,
@@ -153,7 +165,8 @@ def frugal(
        rows (columns) of the identity its "randperm"); with `reset_statistics`
        the moments restart from zero and `τ`, the steps taken with the current basis, from 1
        (without it the moments are carried across refreshes and `τ = t`);
-    2. project: `R = P^\top G` (left) or `R = G P^\top` (right); `back(X) = P X` or `X P`;
+    2. project: `R = P^\top G` (left) or `R = G P^\top` (right); the back-projection is
+       `back(X) = P X` (left) or `X P` (right), here with α = 1;
     3. Adam in the subspace, PyTorch-style (ε added to the bias-corrected root):
 
        .. math::
@@ -201,6 +214,9 @@ def frugal(
       eps: added to the bias-corrected `√v̂` (PyTorch-style).
       weight_decay: None (no decay) or decoupled decay of the weights before the step, times
         lr_t (PyTorch's AdamW). An idle matrix is not decayed.
+      mask: which leaves are decayed, as in `optax.adamw`: None (all), a pytree of bools
+        like params (or a prefix of it; True: decayed) or a callable `params -> that
+        pytree`. Idle matrices are not decayed either way.
       projected: which leaves are projected; see :class:`ProjectionSpec` (default: the
         attention / MLP kernels).
       dimension_numbers: how a leaf is read as (a stack of) matrices; see
@@ -255,7 +271,7 @@ def frugal(
     )
     if no_decay:
         return _with_learning_rate(direction, learning_rate, None, spec)
-    lr = _decay_then_step(learning_rate, weight_decay)
+    lr = _decay_then_step(learning_rate, weight_decay, mask)
     direction = optax.with_extra_args_support(direction)
 
     def init_fn(params):

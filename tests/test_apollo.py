@@ -456,7 +456,7 @@ def test_update_is_scaled_gradient_without_back_projection():
     tx = fo.scale_by_apollo(3, update_proj_gap=GAP, scale=9.0, projected=mask)
     state = tx.init(params)
     updates, state = tx.update(grads, state, params)
-    basis = state[0].bases["w"]  # wide: left, m×k
+    basis = optax.tree_utils.tree_get(state, "bases")["w"]  # wide: left, m×k
     r = basis.T @ grads["w"]  # k×n
     n_dir = 0.1 * r / (jnp.sqrt(0.001 * r**2) + 1e-6)  # Adam's first step, before correction
     phi = jnp.linalg.norm(n_dir, axis=0) / (jnp.linalg.norm(r, axis=0) + 1e-8)  # per column

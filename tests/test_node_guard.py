@@ -24,10 +24,10 @@ def blocks(residual=True):
     spec = fo.ProjectionSpec(4)
     out = [
         fo.project(spec=spec, update_proj_gap=2, scale=0.5),
-        fo.scale_by_low_rank_adam(spec=spec),
+        fo.scale_by_low_rank_adam(spec),
     ]
     if residual:
-        out += [fo.norm_scale_residual(), fo.limit_norm_growth(spec=spec)]
+        out += [fo.norm_scale_residual(), fo.limit_norm_growth(spec)]
     return out + [fo.project_back()]
 
 
@@ -132,7 +132,7 @@ def test_forgotten_project_back_fails_in_nnx_optimizer():
 
 
 def test_node_repr_is_short_and_says_what_to_do():
-    tx = optax.chain(fo.project(4))
+    tx = optax.chain(fo.project(fo.ProjectionSpec(4)))
     nodes, _ = tx.update(PARAMS, tx.init(PARAMS))
     text = repr(nodes["w"])
     assert len(text) < 300 and "project_back" in text and "'w'" in text

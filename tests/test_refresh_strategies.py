@@ -17,7 +17,7 @@ RANK, GAP = 8, 3
 
 def _bases(tx_kwargs, steps=GAP + 1, grads=None):
     """The projected leaves' bases after each step of `fo.project`, as NumPy arrays."""
-    tx = fo.project(RANK, update_proj_gap=GAP, **tx_kwargs)
+    tx = fo.project(fo.ProjectionSpec(RANK), update_proj_gap=GAP, **tx_kwargs)
     state = tx.init(PARAMS)
     update = jax.jit(lambda g, s: tx.update(g, s)[1])  # the state: nodes are no arrays
     out = []
@@ -111,7 +111,7 @@ def test_callable_refresh_gets_the_matrix_and_its_context():
 
 
 def test_callable_refresh_with_a_wrong_shape_names_the_leaf():
-    tx = fo.project(RANK, refresh=lambda g, b, key, **kw: jnp.zeros((3, 3)))
+    tx = fo.project(fo.ProjectionSpec(RANK), refresh=lambda g, b, key, **kw: jnp.zeros((3, 3)))
     with pytest.raises(ValueError, match=r"leaf 'tall', which needs \(8, 40\)"):
         tx.update(jax.tree.map(jnp.ones_like, PARAMS), tx.init(PARAMS))
 
@@ -148,3 +148,56 @@ def test_fira_trains_with_a_random_projection(refresh):
     start = float(loss({"w": jnp.zeros((64, 32))}))
     fira, galore = train(fo.fira), train(fo.galore)
     assert fira < 0.15 * start and fira < galore, (fira, galore, start)
+
+
+def test_refresher_is_chosen_at_construction():
+    """Without layouts, on a one-device mesh, for a data-free strategy (no gradient moves to
+    draw it) and for a callable (it runs where the gradient is) the refresh is local; the
+    divided one needs a mesh of several devices and a strategy that reads the gradient."""
+    from fira_optax import _distributed, _refresh
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+    one_device = {"w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))}
+    for refresh, shardings in [
+        ("svd", None),
+        ("svd", one_device),
+        ("randomized", one_device),
+        ("random", {"w": "not even read"}),
+        ("random_orthonormal", {"w": "not even read"}),
+        (lambda g, b, key, **kw: b, {"w": "not even read"}),
+    ]:
+        chosen = _distributed.refresher(refresh, shardings)
+        assert isinstance(chosen, _refresh.LocalRefresh), (refresh, shardings)
+        assert chosen.refresh is refresh
+
+
+def test_local_refresh_is_refresh_basis_with_the_shared_keys():
+    """`LocalRefresh` draws each matrix's key with `matrix_keys` (the one derivation the
+    divided refresh uses too) and keeps the basis where `refresh_if_due` says no: a stack of
+    3 matrices, one not due and one idle."""
+    import zlib
+
+    from fira_optax import _refresh
+
+    plan = fo.ProjectionSpec(4, projected={"w": True}).flat_plans({"w": jnp.zeros((3, 16, 8))})[0]
+    grad = jax.random.normal(jax.random.key(1), (3, 16, 8)).at[2].set(0.0)
+    basis = jnp.full(plan.basis_shape, 0.5, jnp.float32)
+    step_key = jax.random.key(7)
+    due = jnp.array([True, False, True])
+    leaf = _refresh.RefreshLeaf(
+        grad=grad,
+        basis=basis,
+        plan=plan,
+        steps=jnp.zeros(3, jnp.int32),
+        due=due,
+        offset=None,
+        keys=_refresh.matrix_keys(step_key, plan.batch_shape, plan.path),
+    )
+    (new,) = _refresh.LocalRefresh("randomized")([leaf])
+    leaf_key = jax.random.fold_in(step_key, zlib.crc32(b"w") & 0x7FFFFFFF)
+    direct = _refresh.refresh_basis(
+        plan.view.to_matrix(grad), basis, plan.k, plan.side, leaf_key, "randomized", due
+    )
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(direct))
+    np.testing.assert_array_equal(np.asarray(new[1:]), np.asarray(basis[1:]))
+    assert not np.allclose(np.asarray(new[0]), 0.5)

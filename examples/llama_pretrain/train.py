@@ -5,8 +5,12 @@
 it writes
 
 * ``workdir/metrics.jsonl``: one JSON object per line, ``{"split": "train", ...}`` every
-  ``log_every`` steps (mean loss of the interval, lr, grad norm, tokens/s) and
+  ``log_every`` steps (mean loss of the interval, lr, grad norm, tokens/s, ms per step) and
   ``{"split": "val", ...}`` every ``eval_every`` steps (loss, perplexity),
+* ``workdir/events.out.tfevents.*``: the same numbers as TensorBoard scalars
+  (``train/loss``, ``train/lr``, ``train/step_ms``, ``val/loss``, ...; written with
+  ``tensorboardX``, no TensorFlow needed) and the config as text; ``tensorboard --logdir
+  runs`` shows every run under ``runs``,
 * ``workdir/checkpoints/<step>``: Orbax checkpoints (model + optimizer state, which
   includes the step) every ``checkpoint_every`` steps and at the end. Running again with
   the same ``workdir`` resumes from the latest one; since a training batch is a pure
@@ -42,6 +46,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -49,7 +54,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from examples.llama_pretrain import input_pipeline, sharding
+from examples.llama_pretrain import configs, input_pipeline, sharding
 from examples.llama_pretrain.configs import LOW_RANK_OPTIMIZERS, OPTIMIZERS, Config
 from examples.llama_pretrain.model import Llama
 
@@ -97,8 +102,9 @@ def make_optimizer(config: Config, mesh: Mesh | None = None) -> optax.GradientTr
 
         rest = make_schedule(dataclasses.replace(config, optimizer="fira"))  # learning_rate
 
-        def labels(params):
-            return jax.tree.map(lambda p: "matrices" if p else "rest", fo.projected_mask(params))
+        def labels(params):  # the matrices the default rule projects (at any rank)
+            mask = fo.projected_mask(params, fo.ProjectionSpec(rank=None))
+            return jax.tree.map(lambda p: "matrices" if p else "rest", mask)
 
         tx = optax.multi_transform(
             {"matrices": optax.adamw(schedule, **common), "rest": optax.adamw(rest, **common)},
@@ -141,28 +147,22 @@ def make_optimizer(config: Config, mesh: Mesh | None = None) -> optax.GradientTr
                 **low_rank,
             )
         else:
+            spec = fo.ProjectionSpec(config.rank, config.proj_type)
             residual = {
                 "fira_no_limiter": [fo.norm_scale_residual()],
                 "fira_no_phi": [
                     fo.norm_scale_residual(scaled=False),
-                    fo.limit_norm_growth(gamma=config.gamma),
+                    fo.limit_norm_growth(spec, gamma=config.gamma),
                 ],
             }[config.optimizer]
             tx = optax.chain(
                 fo.project(
-                    rank=config.rank,
+                    spec,
                     update_proj_gap=config.update_proj_gap,
                     scale=config.scale,
-                    proj_type=config.proj_type,
                     **refresh,
                 ),
-                fo.scale_by_low_rank_adam(
-                    b1=config.b1,
-                    b2=config.b2,
-                    eps=config.eps,
-                    rank=config.rank,
-                    proj_type=config.proj_type,
-                ),
+                fo.scale_by_low_rank_adam(spec, b1=config.b1, b2=config.b2, eps=config.eps),
                 *residual,
                 fo.project_back(),
                 fo.scale_by_learning_rate_and_decay(schedule, weight_decay=config.weight_decay),
@@ -392,14 +392,18 @@ def tree_nbytes(tree: Any) -> int:
 
 
 class MetricsWriter:
-    """Appends JSON lines to ``workdir/metrics.jsonl`` (dropping rows past a resume point).
+    """Appends JSON lines to ``workdir/metrics.jsonl`` (dropping rows past a resume point)
+    and writes each row's numbers as TensorBoard scalars ``<split>/<key>`` next to it.
 
     ``enabled=False`` (processes other than 0 of a multi-process run): reads, never writes.
+    On a resume, the TensorBoard writer purges the points at and after ``resume_step``
+    (``purge_step``), so TensorBoard shows the resumed run's, as the JSONL does.
     """
 
     def __init__(self, path: pathlib.Path, resume_step: int, enabled: bool = True):
         self.path = path
         self.enabled = enabled
+        self.summaries = None
         if enabled and path.exists():
             keep = [
                 line
@@ -407,6 +411,17 @@ class MetricsWriter:
                 if line.strip() and json.loads(line)["step"] <= resume_step
             ]
             path.write_text("".join(line + "\n" for line in keep))
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            purge = resume_step + 1 if resume_step else None  # Rows <= resume_step stay.
+            self.summaries = SummaryWriter(str(path.parent), purge_step=purge, flush_secs=30)
+
+    def write_config(self, config: Config) -> None:
+        """The config as a TensorBoard text summary (the Text tab)."""
+        if self.summaries is not None:
+            text = json.dumps(dataclasses.asdict(config), indent=2)
+            self.summaries.add_text("config", f"```\n{text}\n```", global_step=0)
 
     def rows(self, split: str) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -419,6 +434,17 @@ class MetricsWriter:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)):
+                self.summaries.add_scalar(f"{row['split']}/{key}", value, row["step"])
+
+    def flush(self) -> None:
+        if self.summaries is not None:
+            self.summaries.flush()
+
+    def close(self) -> None:
+        if self.summaries is not None:
+            self.summaries.close()
 
 
 def _checkpoint_manager(workdir: pathlib.Path, config: Config) -> ocp.CheckpointManager | None:
@@ -434,9 +460,14 @@ def _checkpoint_manager(workdir: pathlib.Path, config: Config) -> ocp.Checkpoint
 
 
 def train_and_evaluate(
-    config: Config, workdir: str | pathlib.Path, mesh: Mesh | str | None = None
+    config: Config | ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    mesh: Mesh | str | None = None,
 ) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns metrics.
+
+    ``config``: a ``Config`` or a ``ConfigDict`` with its fields (``configs.get_config``),
+    validated by ``configs.from_config_dict``.
 
     ``mesh``: a ``jax.sharding.Mesh`` with axes ``("data", "fsdp", "tensor")`` or a spec
     such as ``"fsdp=4,tensor=2"`` (``sharding.parse_mesh``); default: every device on
@@ -444,6 +475,8 @@ def train_and_evaluate(
     ``workdir`` on a file system they share.
     """
     t_start = time.perf_counter()
+    if not isinstance(config, Config):
+        config = configs.from_config_dict(config)
     mesh = sharding.make_mesh(mesh)
     is_main = jax.process_index() == 0
     workdir = pathlib.Path(workdir).expanduser().resolve()
@@ -470,7 +503,7 @@ def train_and_evaluate(
     if config.optimizer in ("galore", "fira"):
         import fira_optax as fo
 
-        log(fo.describe_projection(params, config.rank, proj_type=config.proj_type))
+        log(fo.describe_projection(params, fo.ProjectionSpec(config.rank, config.proj_type)))
 
     train_step, eval_step = compiled_steps(graphdef, config, mesh)  # Checks the batch size.
     manager = _checkpoint_manager(workdir, config)
@@ -484,8 +517,10 @@ def train_and_evaluate(
         state = _init_fn(config, mesh)()
 
     writer = MetricsWriter(workdir / "metrics.jsonl", start_step, enabled=is_main)
+    writer.write_config(config)
 
     step_times: list[float] = []
+    interval_times: list[float] = []  # Step times since the last train row, compile excluded.
     compile_s = float("nan")
     interval_losses: list[float] = []
     val: dict[str, float] = {}
@@ -508,6 +543,7 @@ def train_and_evaluate(
             compile_s = dt
         else:
             step_times.append(dt)
+            interval_times.append(dt)
         if not np.isfinite(loss):
             raise FloatingPointError(f"Loss is {loss} at step {step}")
         interval_losses.append(loss)
@@ -517,7 +553,8 @@ def train_and_evaluate(
 
         if done % config.log_every == 0 or done == config.num_train_steps:
             train_loss = float(np.mean(interval_losses))
-            interval_losses = []
+            step_ms = 1e3 * float(np.mean(interval_times)) if interval_times else 1e3 * dt
+            interval_losses, interval_times = [], []
             writer.write(
                 {
                     "step": done,
@@ -526,11 +563,13 @@ def train_and_evaluate(
                     "lr": float(metrics["lr"]),
                     "grad_norm": float(metrics["grad_norm"]),
                     "tokens_per_s": tokens_per_s,
+                    "step_ms": step_ms,  # Mean of the interval (the compile step left out).
                 }
             )
         if done % config.eval_every == 0 or done == config.num_train_steps:
             val = evaluate(eval_step, state, dataset, config, full=done == config.num_train_steps)
             writer.write({"step": done, "split": "val", **val})
+            writer.flush()
             if is_main:
                 bar.write(f"step {done}: val loss {val['loss']:.4f}, ppl {val['perplexity']:.2f}")
         if manager is not None and (
@@ -546,6 +585,7 @@ def train_and_evaluate(
         val = evaluate(eval_step, state, dataset, config, full=True)
         train_rows = writer.rows("train")
         train_loss = train_rows[-1]["loss"] if train_rows else float("nan")
+    writer.close()
     mean_step_s = float(np.mean(step_times)) if step_times else float("nan")
     result = {
         "optimizer": config.optimizer,
