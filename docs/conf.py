@@ -52,6 +52,7 @@ autodoc_type_aliases = {
         "optax.Updates",
         "ProjectedSpec",
         "DimensionNumbersSpec",
+        "DecayMask",
         "RefreshFn",
     ]
 }
@@ -68,6 +69,7 @@ nitpick_ignore = [
     for name in [
         "ProjectedSpec",
         "DimensionNumbersSpec",
+        "DecayMask",
         "RefreshFn",
         "LeafPlan",
         "fira_optax._shapes.LeafPlan",

@@ -5,11 +5,12 @@ arXiv:2410.01623), matching the official `fira==1.0.2` / `galore-torch==1.0` cod
 APOLLO-Mini (Zhu et al., 2024, arXiv:2412.05270) from the same blocks, matching
 `apollo-torch==1.0.3`.
 
-The modules follow the flow of one step, bottom-up: `_shapes` (matrix view of a leaf, side
-rule) and `_node` (the guarded update node) at the bottom; `_spec` (the shared
-`ProjectionSpec`); the blocks `_project` (+ `_refresh`: how a basis is refreshed,
-`_schedule`: when, `_distributed`: where, on a mesh) → `_subspace` → `_residual` →
-`_limiter` → `_project_back`; on top `_alias` (+ `_apollo`), `_describe` and `_sharding`.
+The modules follow the flow of one step, bottom-up: `_types` (the string options),
+`_shapes` (matrix view of a leaf, side rule) and `_node` (the guarded update node) at the
+bottom; `_spec` (the shared `ProjectionSpec`); the blocks `_project` (+ `_refresh`: how a
+basis is refreshed, `_schedule`: when, `_distributed`: where, on a mesh) → `_subspace` →
+`_residual` → `_limiter` → `_project_back`; on top `_alias` (+ `_apollo`), `_describe` and
+`_sharding`.
 """
 
 from fira_optax._alias import ScaleByLearningRateState as ScaleByLearningRateState

@@ -9,68 +9,57 @@ import jax
 import numpy as np
 
 from fira_optax._shapes import low_rank_state_size
-from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec, path_str
+from fira_optax._spec import ProjectionSpec, check_spec, path_str
 
 
-def _as_spec(rank, proj_type, projected, dimension_numbers) -> ProjectionSpec:
-    if isinstance(rank, ProjectionSpec):
-        return rank
-    return ProjectionSpec(rank, proj_type, projected, dimension_numbers)
-
-
-def projected_mask(
-    params: Any,
-    projected: ProjectedSpec = None,
-    *,
-    rank: int | ProjectionSpec | None = None,
-    proj_type: str = "std",
-    dimension_numbers: DimensionNumbersSpec = None,
-) -> Any:
-    """Resolves `projected` to a pytree of bools shaped like `params`, validated.
+def projected_mask(params: Any, spec: ProjectionSpec) -> Any:
+    """Which leaves `spec` projects: a pytree of bools shaped like `params`, validated.
 
     Usable as the labels of `optax.multi_transform` / the mask of `optax.masked`, e.g.
-    `labels = jax.tree.map(lambda p: "fira" if p else "adam", fo.projected_mask(params))`.
+    `labels = jax.tree.map(lambda p: "fira" if p else "adam", fo.projected_mask(params, spec))`.
 
     Args:
       params: the param tree (arrays or `jax.ShapeDtypeStruct`s).
-      projected: None (the default rule), a pytree of bools, a callable `params -> bools` or a
-        regex on the '/'-joined key path; see :class:`fira_optax.ProjectionSpec`.
-      rank: the rank (or a whole :class:`fira_optax.ProjectionSpec`). Without it the default
-        rule skips its size check (a leaf whose low-rank state would not be smaller than
-        AdamW's is then still reported as projected).
-      proj_type: the side rule (used by the size check).
-      dimension_numbers: how leaves are read as matrices.
+      spec: a :class:`fira_optax.ProjectionSpec` (the one given to the optimizer). Its rank
+        may be None: the default rule then skips its size check (a leaf whose low-rank state
+        would not be smaller than AdamW's is then still reported as projected).
 
     Returns:
       A pytree of Python bools with the structure of `params`.
 
     Raises:
-      ValueError: when the mask does not match params, or selects a leaf with fewer than two
-        axes or an integer / bool dtype (named in the message).
+      ValueError: when the spec's mask does not match params, or selects a leaf with fewer
+        than two axes or an integer / bool dtype (named in the message).
+
+    Examples:
+      >>> import jax.numpy as jnp, fira_optax as fo
+      >>> params = {"embed": jnp.zeros((100, 16)), "mlp": jnp.zeros((16, 64))}
+      >>> fo.projected_mask(params, fo.ProjectionSpec(rank=4))
+      {'embed': False, 'mlp': True}
     """
-    if isinstance(rank, ProjectionSpec):
-        return rank.mask(params)
-    return ProjectionSpec(rank, proj_type, projected, dimension_numbers).mask(params)
+    return check_spec("projected_mask", spec, need_rank=False).mask(params)
 
 
-def describe_projection(
-    params: Any,
-    rank: int | ProjectionSpec,
-    projected: ProjectedSpec = None,
-    proj_type: str = "std",
-    *,
-    dimension_numbers: DimensionNumbersSpec = None,
-) -> str:
+def describe_projection(params: Any, spec: ProjectionSpec) -> str:
     """A table of every leaf: projected or not, its matrix view, side, basis and moment shapes.
 
     The last line compares the optimizer state of the projected leaves (basis, two low-rank
     moments, one limiter scalar per matrix) with AdamW's two full moments.
 
+    Args:
+      params: the param tree (arrays or `jax.ShapeDtypeStruct`s).
+      spec: a :class:`fira_optax.ProjectionSpec` with a rank (the one given to the
+        optimizer).
+
+    Returns:
+      The table, one line per leaf, and a summary.
+
     Examples:
       >>> import jax.numpy as jnp, fira_optax as fo
       >>> params = {"embed": jnp.zeros((100, 16)), "mlp": {"up": jnp.zeros((16, 64))},
       ...           "attn": {"kernel": jnp.zeros((16, 2, 8)), "bias": jnp.zeros((2, 8))}}
-      >>> print(fo.describe_projection(params, rank=4))  # doctest: +NORMALIZE_WHITESPACE
+      >>> spec = fo.ProjectionSpec(rank=4)
+      >>> print(fo.describe_projection(params, spec))  # doctest: +NORMALIZE_WHITESPACE
       leaf         shape       projected  matrix    side   basis    low-rank
       attn/bias    (2, 8)      no         -         -      -        -
       attn/kernel  (16, 2, 8)  yes        16×(2·8)  right  (4, 16)  (16, 4)
@@ -79,7 +68,7 @@ def describe_projection(
       2 of 4 leaves projected (1280 of 2896 parameters); rank 4, proj_type 'std'
       optimizer state of the projected leaves: 770 elements vs AdamW's 2560 (0.30×)
     """
-    spec = _as_spec(rank, proj_type, projected, dimension_numbers)
+    spec = check_spec("describe_projection", spec)
     flat = jax.tree.leaves_with_path(params)
     plans = spec.flat_plans(params)
     rows = [("leaf", "shape", "projected", "matrix", "side", "basis", "low-rank")]

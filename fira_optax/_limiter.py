@@ -11,7 +11,7 @@ import optax
 from fira_optax._checks import check_real
 from fira_optax._node import is_low_rank
 from fira_optax._shapes import back_matrix, per_matrix, rank_axis
-from fira_optax._spec import DimensionNumbersSpec, ProjectedSpec, ProjectionSpec, make_spec
+from fira_optax._spec import ProjectionSpec, check_spec
 
 #: Added to the remembered norm in the growth ratio, as in the official code.
 LIMITER_EPS = 1e-8
@@ -25,13 +25,11 @@ class LimitNormGrowthState(NamedTuple):
     """State of :func:`limit_norm_growth`.
 
     Attributes:
-      count: number of updates taken so far, `shape=(), dtype=int32`.
       norms: a tree like params: for a projected leaf, the remembered residual norm `g`
         (float32, one per matrix: shape `(...)` of the leaf's stack axes; 0 until the matrix's
         first step with a non-zero gradient); None elsewhere.
     """
 
-    count: jax.Array
     norms: Any
 
 
@@ -67,24 +65,24 @@ def residual_norm(u: Any) -> jax.Array:
     """
     axis = rank_axis(u.side)
     grad = u.grad.astype(jnp.float32)
-    phi_sq = jnp.square(u.residual_scale)
+    phi_sq = jnp.square(u.phi)
     g_sq = jnp.sum(jnp.square(grad), axis=axis, keepdims=True)
     if not u.back_projected:  # α = 0: S = φ ⊙ G
         plain_sq = jnp.sum(phi_sq * g_sq, axis=(-2, -1))
         return jax.lax.cond(
             jnp.all(jnp.isfinite(plain_sq)),
             lambda: jnp.sqrt(plain_sq),
-            lambda: _safe_norm(u.residual_scale * grad),
+            lambda: _safe_norm(u.phi * grad),
         )
     r_sq = jnp.sum(jnp.square(u.low_rank), axis=axis, keepdims=True)
     outside = jnp.maximum(g_sq - r_sq, 0.0)
-    inside = jnp.square(1.0 - u.scale) * r_sq
+    inside = jnp.square(1.0 - u.alpha) * r_sq
     fast_sq = jnp.sum(phi_sq * (outside + inside), axis=(-2, -1))
     scale_sq = jnp.sum(phi_sq * g_sq, axis=(-2, -1))
 
     def exact():
-        back = u.scale * back_matrix(u.low_rank, u.basis, u.side)
-        return _safe_norm(u.residual_scale * (grad - back))
+        back = u.alpha * back_matrix(u.low_rank, u.basis, u.side)
+        return _safe_norm(u.phi * (grad - back))
 
     if not u.orthonormal:  # the identity above needs an orthonormal basis
         return exact()
@@ -93,11 +91,7 @@ def residual_norm(u: Any) -> jax.Array:
 
 
 def limit_norm_growth(
-    gamma: jax.typing.ArrayLike = 1.01,
-    *,
-    projected: ProjectedSpec = None,
-    dimension_numbers: DimensionNumbersSpec = None,
-    spec: ProjectionSpec | None = None,
+    spec: ProjectionSpec | None = None, gamma: jax.typing.ArrayLike = 1.01
 ) -> optax.GradientTransformation:
     """Lets the residual's norm grow at most `gamma`× per step (Fira's spike guard).
 
@@ -117,14 +111,31 @@ def limit_norm_growth(
     applied at that scale. A non-finite norm leaves the memory untouched. On any input
     without non-finite values this is exactly the official rule.
 
+    The memories' shapes come from the spec: which leaves are projected and their stack
+    shapes (its rank is not needed). Without one (None) every leaf the default rule could
+    project gets a memory (the default `projected` and `dimension_numbers`, at any rank),
+    which serves any chain whose `project` uses those defaults.
+
     Args:
+      spec: the :class:`fira_optax.ProjectionSpec` given to `project`, or None (see above).
       gamma: γ ≥ 1, the allowed growth factor per step.
-      projected: the `projected` given to `project` (it sets which leaves get a memory).
-      dimension_numbers: the `dimension_numbers` given to `project` (the stack shape).
-      spec: the shared :class:`fira_optax.ProjectionSpec` (instead of the two above).
 
     Returns:
       An `optax.GradientTransformation`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, fira_optax as fo
+      >>> params = {"layers": {"w": jnp.ones((3, 8, 4))}}  # a stack of 3 matrices
+      >>> spec = fo.ProjectionSpec(rank=2)
+      >>> tx = optax.chain(
+      ...     fo.project(spec),
+      ...     fo.scale_by_low_rank_adam(spec),
+      ...     fo.norm_scale_residual(),
+      ...     fo.limit_norm_growth(spec, gamma=1.01),
+      ...     fo.project_back(),
+      ... )
+      >>> tx.init(params)[3].norms["layers"]["w"].shape  # one memory per matrix
+      (3,)
     """
     check_real(
         "gamma",
@@ -133,9 +144,9 @@ def limit_norm_growth(
         low_open=False,
         what="a finite number >= 1 (the allowed norm growth per step)",
     )
-    spec = make_spec(
-        "limit_norm_growth", spec, None, "std", projected, dimension_numbers, need_rank=False
-    )
+    spec = check_spec("limit_norm_growth", spec, need_rank=False, allow_none=True)
+    if spec is None:
+        spec = ProjectionSpec(None)
 
     def init_fn(params):
         norms = jax.tree.structure(params).unflatten(
@@ -144,7 +155,7 @@ def limit_norm_growth(
                 for plan in spec.flat_plans(params)
             ]
         )
-        return LimitNormGrowthState(count=jnp.zeros([], jnp.int32), norms=norms)
+        return LimitNormGrowthState(norms=norms)
 
     def update_fn(updates, state, params=None):
         del params
@@ -156,7 +167,7 @@ def limit_norm_growth(
                 new_updates.append(u)
                 new_norms.append(memory)
                 continue
-            if u.residual_scale is None:
+            if u.phi is None:
                 raise ValueError(
                     f"limit_norm_growth: leaf {u.plan.path!r} has no residual; put "
                     "norm_scale_residual() before limit_norm_growth() in the chain "
@@ -172,17 +183,17 @@ def limit_norm_growth(
             if memory is None or memory.shape != u.plan.batch_shape:
                 raise ValueError(
                     f"limit_norm_growth: leaf {u.plan.path!r} is projected but the state has "
-                    "no norm memory for it. Give limit_norm_growth the spec (or the "
-                    "`projected` and `dimension_numbers`) given to project()."
+                    "no norm memory for it. Give limit_norm_growth the spec given to project() "
+                    "(fo.limit_norm_growth(spec))."
                 )
             norm = residual_norm(u)
             ratio = jnp.maximum(norm / (memory + LIMITER_EPS), gamma) / gamma
             limiter = jnp.where(u.step == 1, 1.0, ratio)  # a matrix's first step: remember
             remember = u.active & jnp.isfinite(norm)
             new_norms.append(jnp.where(remember, norm / limiter, memory))
-            new_updates.append(u.replace(residual_scale=u.residual_scale / per_matrix(limiter)))
+            new_updates.append(u.replace(phi=u.phi / per_matrix(limiter)))
         return treedef.unflatten(new_updates), LimitNormGrowthState(
-            count=optax.safe_increment(state.count), norms=treedef.unflatten(new_norms)
+            norms=treedef.unflatten(new_norms)
         )
 
     return optax.GradientTransformation(init_fn, update_fn)

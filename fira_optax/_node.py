@@ -4,7 +4,7 @@ Imports only `_shapes` (the bottom of the package).
 
 Between :func:`fira_optax.project` and :func:`fira_optax.project_back` a projected leaf of the
 update tree is a :class:`LowRankUpdate`: the basis, the gradient, the low-rank gradient, the
-direction the subspace optimizer chose and the residual's scale. It stands for the dense update
+direction the subspace optimizer chose and the residual's scale φ. It stands for the dense update
 `project_back` will produce from it, and it is deliberately *not* a pytree node: `jax.tree.map`
 sees it as one leaf, so a plain optax transform placed in that region gets the node itself,
 never its fields (which it would corrupt). On the node,
@@ -66,15 +66,17 @@ class _NodeType(type):
 class LowRankUpdate(metaclass=_NodeType):
     """A projected leaf of the update tree, between `project` and `project_back`.
 
-    It stands for the dense update `step_scale · (α·back(N) + S)`, with the residual
-    `S = φ ⊙ (G − α·back(R))` kept implicit (as its per-row/column scale φ) so that
-    `project_back` builds it with one matmul and one elementwise pass. All arrays are in the
-    leaf's matrix view `(*batch, m, n)` (see :class:`fira_optax.DimensionNumbers`). After
-    :func:`fira_optax.norm_scale_gradient` (APOLLO) α is 0 and the node stands for
-    `step_scale · φ ⊙ G`, with no matmul at all (`back_projected` is False). After
-    :func:`fira_optax.state_free_residual` with `rule="sign"` (FRUGAL's signSGD) the residual
-    is `S = φ ⊙ sign(G − α·back(R))` (`residual_sign` is True), which is not linear in `G`:
-    `project_back` then builds `back(R)` explicitly (one more matmul and an m×n temporary).
+    It stands for the dense update `c · (α·back(N) + S)` (`c` is `bias_correction`, α is
+    `alpha`, `back(X)` the plain back-projection: `P X` on the left side, `X P` on the right),
+    with the residual `S = φ ⊙ (G − α·back(R))` kept implicit (as its per-row/column scale
+    `phi`) so that `project_back` builds it with one matmul and one elementwise pass. All
+    arrays are in the leaf's matrix view `(*batch, m, n)` (see
+    :class:`fira_optax.DimensionNumbers`). After :func:`fira_optax.norm_scale_gradient`
+    (APOLLO) α is 0 and the node stands for `c · φ ⊙ G`, with no matmul at all
+    (`back_projected` is False). After :func:`fira_optax.state_free_residual` with
+    `rule="sign"` (FRUGAL's signSGD) the residual is `S = φ ⊙ sign(G − α·back(R))`
+    (`residual_sign` is True), which is not linear in `G`: `project_back` then builds
+    `back(R)` explicitly (one more matmul and an m×n temporary).
 
     A subspace optimizer reads `low_rank` and sets `direction` (`node.replace(direction=...)`,
     which also marks the node as carrying a direction). Scalar multiplication scales what the
@@ -89,11 +91,13 @@ class LowRankUpdate(metaclass=_NodeType):
       grad: the full gradient `G` in matrix view `(..., m, n)`, in the param's dtype.
       low_rank: `R`, the projected gradient, float32, `(..., k, n)` or `(..., m, k)`.
       direction: the low-rank direction `N` (`R` until a subspace optimizer sets it).
-      residual_scale: `φ` broadcastable against `G` (`(..., 1, n)` left, `(..., m, 1)`
-        right), or None when the residual is dropped (GaLore).
-      scale: α, the scale of `back()`.
-      step_scale: multiplies the whole dense update (Adam's bias correction, a scalar or one
-        per matrix `(..., 1, 1)`; scalar multiplication of the node lands here).
+      phi: `φ`, the residual's scale, broadcastable against `G` (`(..., 1, n)` left,
+        `(..., m, 1)` right), or None when the residual is dropped (GaLore).
+      alpha: α, the scale of the low-rank terms `α·back(·)` (`project`'s `scale`; 0 after
+        :func:`fira_optax.norm_scale_gradient`).
+      bias_correction: `c`, the bias-corrected step factor that multiplies the whole dense
+        update (Adam's `√(1-β₂ᵗ)/(1-β₁ᵗ)`, a scalar or one per matrix `(..., 1, 1)`; 1 from
+        `project`; APOLLO's `√scale` and scalar multiplication of the node land here too).
       step: per matrix `(...)`, int32: the steps this matrix has taken, this one included
         (idle steps — an exactly zero gradient — do not count).
       active: per matrix `(...)`, bool: False for an idle matrix (its whole gradient `G` is
@@ -105,7 +109,7 @@ class LowRankUpdate(metaclass=_NodeType):
         refresh and for a user's callable), which the limiter's fast residual norm needs.
       back_projected: whether the update has low-rank terms `α·back(·)` (static). False
         after :func:`fira_optax.norm_scale_gradient`, which sets α = 0: the update is
-        `step_scale · φ ⊙ G`, and the limiter and `project_back` skip the basis.
+        `c · φ ⊙ G`, and the limiter and `project_back` skip the basis.
       residual_sign: whether the residual is `S = φ ⊙ sign(G − α·back(R))` (static; set by
         :func:`fira_optax.state_free_residual` with `rule="sign"`) instead of
         `φ ⊙ (G − α·back(R))`.
@@ -120,9 +124,9 @@ class LowRankUpdate(metaclass=_NodeType):
     grad: jax.Array
     low_rank: jax.Array
     direction: jax.Array
-    residual_scale: jax.Array | None
-    scale: jax.Array
-    step_scale: jax.Array
+    phi: jax.Array | None
+    alpha: jax.Array
+    bias_correction: jax.Array
     step: jax.Array
     active: jax.Array
     plan: LeafPlan
@@ -167,8 +171,8 @@ class LowRankUpdate(metaclass=_NodeType):
 
     def _scaled(self, factor: Any) -> LowRankUpdate:
         factor = jnp.asarray(factor, jnp.float32)
-        if self.has_direction:  # an update: scale it (exactly, via the step scale)
-            return self.replace(step_scale=self.step_scale * factor)
+        if self.has_direction:  # an update: scale it (exactly, via the step factor)
+            return self.replace(bias_correction=self.bias_correction * factor)
         # A gradient (before the subspace optimizer): scale G and R, as on a dense gradient.
         low_rank = self.low_rank * factor
         return dataclasses.replace(
@@ -285,7 +289,7 @@ def check_residual_order(block: str, u: Any) -> None:
             f"{SUBSPACE_OPTIMIZERS} (φ compares its direction with the low-rank gradient). "
             f"Keep the order {ORDER}."
         )
-    if u.residual_scale is not None:
+    if u.phi is not None:
         raise ValueError(
             f"{block}: leaf {u.plan.path!r} already has a residual scale: put {block}() once, "
             f"before limit_norm_growth(). Keep the order {ORDER}."

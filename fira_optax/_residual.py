@@ -7,6 +7,8 @@ Both compare the subspace optimizer's direction `N` with the low-rank gradient `
 
 from __future__ import annotations
 
+from typing import get_args
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,9 +16,10 @@ import optax
 from fira_optax._checks import check_real
 from fira_optax._node import check_residual_order, map_nodes
 from fira_optax._shapes import rank_axis
+from fira_optax._types import ScaleType, StateFreeRule
 
 #: APOLLO's scale types: one φ per channel (row or column of G), or one per matrix.
-SCALE_TYPES = ("channel", "tensor")
+SCALE_TYPES = get_args(ScaleType)
 
 #: Added to ‖R‖ in φ = ‖N‖ / (‖R‖ + NORM_EPS), as in the official code.
 NORM_EPS = 1e-8
@@ -64,7 +67,7 @@ def norm_scale_residual(scaled: bool = True) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        return map_nodes(lambda u: u.replace(residual_scale=phi(u)), updates), state
+        return map_nodes(lambda u: u.replace(phi=phi(u)), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -77,7 +80,7 @@ def tensor_scale(direction: jnp.ndarray, low_rank: jnp.ndarray) -> jnp.ndarray:
 
 
 def norm_scale_gradient(
-    scale_type: str = "channel",
+    scale_type: ScaleType = "channel",
     *,
     scale: jax.typing.ArrayLike = 1.0,
     scale_front: bool = False,
@@ -100,7 +103,7 @@ def norm_scale_gradient(
 
     APOLLO's `scale` multiplies the update by `√scale`: with `scale_front` before
     :func:`fira_optax.limit_norm_growth` (the limiter sees `√scale · φ ⊙ G`), else after it
-    (in the node's step scale: the limiter sees `φ ⊙ G`). The two differ only through the
+    (in the node's `bias_correction`: the limiter sees `φ ⊙ G`). The two differ only through the
     limiter's 1e-8.
 
     Must follow the subspace optimizer, once, in place of
@@ -131,13 +134,13 @@ def norm_scale_gradient(
             phi = tensor_scale(u.direction, u.low_rank)
         root = jnp.sqrt(jnp.asarray(scale, jnp.float32))
         if scale_front:
-            phi, step_scale = root * phi, u.step_scale
+            phi, correction = root * phi, u.bias_correction
         else:
-            step_scale = u.step_scale * root
+            correction = u.bias_correction * root
         return u.replace(
-            residual_scale=phi,
-            step_scale=step_scale,
-            scale=jnp.zeros([], jnp.float32),
+            phi=phi,
+            bias_correction=correction,
+            alpha=jnp.zeros([], jnp.float32),
             back_projected=False,
         )
 
@@ -149,7 +152,7 @@ def norm_scale_gradient(
 
 
 #: FRUGAL's state-free rules for the residual: signSGD or SGD.
-STATE_FREE_RULES = ("sign", "sgd")
+STATE_FREE_RULES = get_args(StateFreeRule)
 
 _STATE_FREE_ORDER = (
     "project → subspace optimizer (scale_by_low_rank_adam / in_subspace) → "
@@ -158,7 +161,7 @@ _STATE_FREE_ORDER = (
 
 
 def state_free_residual(
-    rule: str = "sign", learning_rate_ratio: jax.typing.ArrayLike = 1.0
+    rule: StateFreeRule = "sign", learning_rate_ratio: jax.typing.ArrayLike = 1.0
 ) -> optax.GradientTransformation:
     r"""FRUGAL's state-free step on the residual, the part of `G` outside the subspace.
 
@@ -169,13 +172,13 @@ def state_free_residual(
       S = c\,E\ \ (\text{rule="sgd": SGD}),
 
     added to the subspace optimizer's update: the node stands for
-    `step_scale · (α·back(N) + S)`, so once the learning rate has multiplied it an entry
+    `bias_correction · (α·back(N) + S)`, so once the learning rate has multiplied it an entry
     outside the subspace moves by `lr·c·sign(E)` (or `lr·c·E`). After
     `scale_by_low_rank_adam(bias_correction="torch")` (as in :func:`fira_optax.frugal`) the
-    step scale is 1 before the learning rate, and `c` is the ratio of the state-free learning
-    rate to the subspace's (the official `inactive_lr_scale`); after the default HF-style
-    Adam the step scale also carries Adam's bias correction `√(1-β₂ᵗ)/(1-β₁ᵗ)`, and so does
-    `S`. Nothing is stored: `E` is recomputed from `G` at every step.
+    node's `bias_correction` is 1 before the learning rate, and `c` is the ratio of the
+    state-free learning rate to the subspace's (the official `inactive_lr_scale`); after the
+    default HF-style Adam it is Adam's bias correction `√(1-β₂ᵗ)/(1-β₁ᵗ)`, which then also
+    multiplies `S`. Nothing is stored: `E` is recomputed from `G` at every step.
 
     **Cost.** "sgd" is Fira's implicit residual with `φ = c`: `project_back` fuses it into its
     one matmul, nothing more. `sign(E)` is not linear in `G`, so for "sign" `project_back`
@@ -217,9 +220,9 @@ def state_free_residual(
             raise ValueError(
                 f"state_free_residual: leaf {u.plan.path!r} has no direction yet: put "
                 "state_free_residual() after the subspace optimizer (its step is added to that "
-                f"optimizer's update, at its step scale). Keep the order {_STATE_FREE_ORDER}."
+                f"optimizer's update, at its bias correction). Keep the order {_STATE_FREE_ORDER}."
             )
-        if u.residual_scale is not None:
+        if u.phi is not None:
             raise ValueError(
                 f"state_free_residual: leaf {u.plan.path!r} already has a residual: use one "
                 "of state_free_residual() and norm_scale_residual(), once. Keep the order "
@@ -228,7 +231,7 @@ def state_free_residual(
         shape = list(u.low_rank.shape)
         shape[rank_axis(u.side)] = 1
         ratio = jnp.full(shape, learning_rate_ratio, jnp.float32)
-        return u.replace(residual_scale=ratio, residual_sign=rule == "sign")
+        return u.replace(phi=ratio, residual_sign=rule == "sign")
 
     def update_fn(updates, state, params=None):
         del params

@@ -1,6 +1,6 @@
 """How a leaf is read as (a stack of) matrices, the side rule, and the low-rank shapes.
 
-The bottom of the package: this module imports nothing from `fira_optax`.
+The bottom of the package: this module imports only `_types` from `fira_optax`.
 
 A projected leaf of any rank is read through a :class:`MatrixView`: its axes are split into
 batch axes (a stack: scanned layers, experts), row axes (the matrix's `m`, a layer's input
@@ -17,12 +17,14 @@ import dataclasses
 import math
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import jax
 import jax.numpy as jnp
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
+from fira_optax._types import ProjType
+
+PROJ_TYPES = get_args(ProjType)
 LEFT, RIGHT = "left", "right"
 
 
@@ -167,7 +169,7 @@ def check_proj_type(proj_type: str) -> None:
         raise ValueError(f"Unknown proj_type {proj_type!r}; expected one of {PROJ_TYPES}.")
 
 
-def side_for(m: int, n: int, proj_type: str) -> str:
+def side_for(m: int, n: int, proj_type: ProjType) -> str:
     """Which side an m×n matrix is projected on.
 
     | proj_type   | m ≥ n | m < n |
@@ -220,7 +222,7 @@ class LeafPlan:
         return rank_axis(self.side)
 
 
-def low_rank_state_size(view: MatrixView, rank: int, proj_type: str) -> int:
+def low_rank_state_size(view: MatrixView, rank: int, proj_type: ProjType) -> int:
     """Elements of Fira's per-leaf state: basis, two low-rank moments, the limiter scalar."""
     m, n = view.m, view.n
     k = min(rank, m, n)

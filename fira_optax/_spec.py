@@ -3,8 +3,9 @@
 A :class:`ProjectionSpec` says which leaves are projected (`projected`), how each is read as a
 stack of matrices (`dimension_numbers`), at which rank and on which side (`proj_type`).
 `project`, the subspace optimizer and the limiter allocate their state from the same spec, so
-passing one spec to all of them makes a mismatch impossible; the keyword forms
-(`fo.project(rank=...)`, `fo.scale_by_low_rank_adam(rank=...)`) build a spec from their keywords.
+passing one spec to all of them makes a mismatch impossible. The blocks take the spec as their
+first argument (`fo.scale_by_low_rank_adam(spec)`); the aliases (`fo.fira(lr, rank=...)`)
+build one from their keywords.
 
 The default rule (`projected=None`) projects a leaf when
 
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
-from collections.abc import Callable, Mapping
-from typing import Any, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from fira_optax._checks import as_int
 from fira_optax._shapes import (
@@ -37,11 +40,33 @@ from fira_optax._shapes import (
     low_rank_state_size,
     side_for,
 )
+from fira_optax._types import ProjType
 
-ProjectedSpec = Union[None, str, Callable[[Any], Any], Any]  # noqa: UP007
-DimensionNumbersSpec = Union[  # noqa: UP007
-    None, DimensionNumbers, Mapping[str, Any], Callable[[Any], Any], Any
-]
+#: A pytree of bools (dicts, lists, tuples, ... of Python / NumPy / JAX bools).
+BoolTree = bool | np.bool_ | jax.Array | Mapping[Any, "BoolTree"] | Sequence["BoolTree"]
+
+#: Which leaves are projected: None (the default rule), a regex on the '/'-joined key path, a
+#: pytree of bools like params, or a callable `params -> pytree of bools`.
+ProjectedSpec = str | BoolTree | Callable[[optax.Params], BoolTree] | None
+
+#: A pytree of per-leaf matrix views (None: the leaf's default view).
+DimensionNumbersTree = (
+    DimensionNumbers
+    | Mapping[Any, "DimensionNumbersTree"]
+    | Sequence["DimensionNumbersTree"]
+    | None
+)
+
+#: How leaves are read as matrices: None (the default views), one `DimensionNumbers` for every
+#: ≥2-D leaf, a `{regex: DimensionNumbers}` dict, a pytree like params of `DimensionNumbers` /
+#: None, or a callable `params -> that pytree`.
+DimensionNumbersSpec = (
+    DimensionNumbers
+    | Mapping[str, DimensionNumbers]
+    | DimensionNumbersTree
+    | Callable[[optax.Params], DimensionNumbersTree]
+    | None
+)
 
 #: Key-path components (lower-cased) that the default rule never projects.
 EXCLUDED = re.compile(
@@ -202,8 +227,8 @@ class ProjectionSpec:
 
     Attributes:
       rank: r; each matrix uses `k = min(r, m, n)`. Any integer (NumPy/JAX integer scalars
-        too). None only for blocks that need no shapes (`limit_norm_growth`'s keyword form);
-        then the default rule's size check is skipped.
+        too). None only for what needs no low-rank shapes (`limit_norm_growth`,
+        `projected_mask`); then the default rule's size check is skipped.
       proj_type: "std" (right if m ≥ n else left), "reverse_std", "left" or "right".
       projected: which leaves: None (the default rule, see the module docstring), a pytree of
         bools like params, a callable `params -> pytree of bools`, or a regex matched
@@ -217,7 +242,7 @@ class ProjectionSpec:
     """
 
     rank: int | None
-    proj_type: str = "std"
+    proj_type: ProjType = "std"
     projected: ProjectedSpec = None
     dimension_numbers: DimensionNumbersSpec = None
 
@@ -284,30 +309,34 @@ class ProjectionSpec:
         return treedef.unflatten([plan is not None for plan in self.flat_plans(params)])
 
 
-def make_spec(
-    block: str,
-    spec: ProjectionSpec | None,
-    rank: Any = None,
-    proj_type: str = "std",
-    projected: ProjectedSpec = None,
-    dimension_numbers: DimensionNumbersSpec = None,
-    *,
-    need_rank: bool = True,
-) -> ProjectionSpec:
-    """The spec of a block: `spec=` (or a spec passed as `rank`), or one built from keywords."""
-    if isinstance(rank, ProjectionSpec):
-        spec, rank = rank, None
-    if spec is not None:
-        if rank is not None or proj_type != "std" or projected is not None or dimension_numbers:
-            raise ValueError(
-                f"{block}: give either spec= or rank/proj_type/projected/dimension_numbers, "
-                "not both."
-            )
-        if not isinstance(spec, ProjectionSpec):
-            raise TypeError(f"{block}: spec must be a fira_optax.ProjectionSpec, got {spec!r}.")
+def check_spec(
+    block: str, spec: Any, *, need_rank: bool = True, allow_none: bool = False
+) -> ProjectionSpec | None:
+    """`spec` when it is a :class:`ProjectionSpec` (with a rank when `need_rank`), else a
+    `TypeError` / `ValueError` that names `fo.ProjectionSpec(...)`."""
+    if spec is None and allow_none:
+        return None
+    if isinstance(spec, ProjectionSpec):
         if need_rank and spec.rank is None:
-            raise ValueError(f"{block}: the spec needs a rank.")
+            raise ValueError(f"{block}: the spec needs a rank: fo.ProjectionSpec(rank=...).")
         return spec
-    if need_rank and rank is None:
-        raise ValueError(f"{block}: pass rank= (or spec=fo.ProjectionSpec(rank=...)).")
-    return ProjectionSpec(rank, proj_type, projected, dimension_numbers)
+    try:  # a rank where the spec goes (Python, NumPy or JAX integer)
+        rank = None if isinstance(spec, (bool, np.bool_)) else operator.index(spec)
+    except TypeError:
+        rank = None
+    if spec is None:
+        fix = "pass spec=fo.ProjectionSpec(rank=...), the spec given to fo.project()"
+    elif rank is not None:
+        fix = f"pass fo.ProjectionSpec(rank={rank}) (with the proj_type, projected and "
+        fix += "dimension_numbers given to fo.project())"
+    elif isinstance(spec, (float, np.floating)):
+        fix = (
+            f"pass the spec first and the hyper-parameters after it or by name: "
+            f"{block}(fo.ProjectionSpec(rank=...), ...)"
+        )
+    else:
+        fix = "pass spec=fo.ProjectionSpec(rank=..., ...), the spec given to fo.project()"
+    raise TypeError(
+        f"{block}: the projection is given as a fira_optax.ProjectionSpec, its first argument; "
+        f"got {type(spec).__name__} {spec!r}: {fix}."
+    )

@@ -7,7 +7,7 @@ get the same optimizer at full size.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +15,8 @@ import optax
 
 from fira_optax._node import check_no_direction, is_low_rank
 from fira_optax._shapes import per_matrix
-from fira_optax._spec import (
-    DimensionNumbersSpec,
-    ProjectedSpec,
-    ProjectionSpec,
-    make_spec,
-    path_str,
-)
+from fira_optax._spec import ProjectionSpec, check_spec, path_str
+from fira_optax._types import BiasCorrection, OnRefresh
 
 
 class LowRankAdamState(NamedTuple):
@@ -70,10 +65,10 @@ def root_one_minus_power(b: jax.typing.ArrayLike, t: jax.Array) -> jax.Array:
 
 
 #: What a basis refresh does to the subspace Adam's moments.
-ON_REFRESH = ("keep", "reset", "transport")
+ON_REFRESH = get_args(OnRefresh)
 
 #: Where the subspace Adam puts ε and the bias correction.
-BIAS_CORRECTIONS = ("hf", "torch")
+BIAS_CORRECTIONS = get_args(BiasCorrection)
 
 
 def _per_matrix_bias_corrections(b1, b2, leaves: list, counts=None, eps_scales=False) -> list:
@@ -124,24 +119,19 @@ def transported(mu: jax.Array, u: Any) -> jax.Array:
 def _mismatch(block: str, path: str, kind: str, got: tuple, want: tuple) -> ValueError:
     return ValueError(
         f"{block}: leaf {path!r} receives a {kind} of shape {got} but its state has shape "
-        f"{want}. Give every block the same spec (spec=fo.ProjectionSpec(...)), or the same "
-        "rank, proj_type, projected and dimension_numbers as project()."
+        f"{want}. Give every block the spec given to project() (fo.ProjectionSpec(...))."
     )
 
 
 def scale_by_low_rank_adam(
+    spec: ProjectionSpec,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     *,
-    rank: int | None = None,
-    proj_type: str = "std",
-    projected: ProjectedSpec = None,
-    dimension_numbers: DimensionNumbersSpec = None,
-    spec: ProjectionSpec | None = None,
     mu_dtype: Any = None,
-    bias_correction: str = "hf",
-    on_refresh: str = "keep",
+    bias_correction: BiasCorrection = "hf",
+    on_refresh: OnRefresh = "keep",
 ) -> optax.GradientTransformation:
     """Adam with moments in the projected space (HF/PyTorch-AdamW style).
 
@@ -153,15 +143,16 @@ def scale_by_low_rank_adam(
 
     `ε` is added to the *un-bias-corrected* `√v`; the bias correction
     `√(1-b_2^t)/(1-b_1^t)` is not applied to `N` (which Fira's norm scaling and limiter see) but
-    carried as the node's `step_scale`, applied by `project_back` to the whole update. Dense
+    carried as the node's `bias_correction`, applied by `project_back` to the whole update. Dense
     leaves (not projected) get the same step with `R = G`, bias correction included.
 
     With `bias_correction="torch"` (PyTorch's and optax's Adam, and the official FRUGAL code)
     the direction is bias-corrected and `ε` is added to the bias-corrected root:
-    `N = m̂ / (\\sqrt{v̂} + ε)`, `m̂ = m / (1-b_1^t)`, `v̂ = v / (1-b_2^t)`; the node's step scale
-    is left as it is. The two differ only by `ε` (by `ε·(1 − √(1-b_2^t))` in the
+    `N = m̂ / (\\sqrt{v̂} + ε)`, `m̂ = m / (1-b_1^t)`, `v̂ = v / (1-b_2^t)`; the node's
+    `bias_correction` is left as it is. The two differ only by `ε` (by `ε·(1 − √(1-b_2^t))` in the
     denominator), but a state-free residual added by
-    :func:`fira_optax.state_free_residual` is relative to the step scale: with "torch" its
+    :func:`fira_optax.state_free_residual` is relative to the node's `bias_correction`: with
+    "torch" its
     learning rate is the subspace's learning rate, not that times Adam's bias correction.
 
     **At a refresh** (`on_refresh`), on the step `project` refreshes a matrix's basis:
@@ -184,29 +175,34 @@ def scale_by_low_rank_adam(
     idle: the moments decay and `N` follows them, as in the official code. Dense leaves follow
     optax/PyTorch Adam on a zero-valued gradient (the moments decay).
 
-    The moments' shapes come from the spec: give this block the spec given to `project`
-    (`spec=`), or the same `rank`, `proj_type`, `projected` and `dimension_numbers`; a mismatch
-    raises a `ValueError` at trace time naming the leaf.
+    The moments' shapes come from the spec: give this block the spec given to `project`; a
+    mismatch raises a `ValueError` at trace time naming the leaf.
 
     Args:
+      spec: the :class:`fira_optax.ProjectionSpec` given to `project` (with a rank).
       b1: decay of the first moment.
       b2: decay of the second moment.
       eps: added to `√v` (outside the root, before bias correction).
-      rank: the rank given to `project`.
-      proj_type: the proj_type given to `project`.
-      projected: the `projected` given to `project`.
-      dimension_numbers: the `dimension_numbers` given to `project`.
-      spec: the shared :class:`fira_optax.ProjectionSpec` (instead of the four above).
       mu_dtype: dtype of the first moment (default float32); `nu` is always float32.
       bias_correction: "hf" (the default: `ε` added to the raw `√v`, the correction carried
-        as the step scale; Fira, GaLore) or "torch" (`N = m̂ / (√v̂ + ε)`; FRUGAL).
+        as the node's `bias_correction`; Fira, GaLore) or "torch" (`N = m̂ / (√v̂ + ε)`; FRUGAL).
       on_refresh: what a refresh does to a matrix's moments: "keep" (the default; Fira,
         GaLore), "reset" (FRUGAL) or "transport" (GoLore); see above.
 
     Returns:
       An `optax.GradientTransformation`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, fira_optax as fo
+      >>> params = {"w": jnp.ones((8, 4))}
+      >>> spec = fo.ProjectionSpec(rank=2, projected={"w": True})
+      >>> tx = optax.chain(
+      ...     fo.project(spec), fo.scale_by_low_rank_adam(spec, b1=0.9), fo.project_back()
+      ... )
+      >>> tx.init(params)[1].mu["w"].shape  # the first moment at the low-rank shape, m×k
+      (8, 2)
     """
-    spec = make_spec("scale_by_low_rank_adam", spec, rank, proj_type, projected, dimension_numbers)
+    spec = check_spec("scale_by_low_rank_adam", spec)
     mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
     if bias_correction not in BIAS_CORRECTIONS:
         raise ValueError(
@@ -286,10 +282,10 @@ def scale_by_low_rank_adam(
                 mu = transported(mu, u)
             mu, nu, direction = moments(r, mu, nu, active, fresh, eps_scale)
             direction = direction * active.astype(jnp.float32)
-            if torch_style:  # N = m̂ / (√v̂ + ε): the step scale is left as it is
+            if torch_style:  # N = m̂ / (√v̂ + ε): the node's bias_correction is left as it is
                 return u.replace(direction=direction * correction), mu, nu
             return (
-                u.replace(direction=direction, step_scale=u.step_scale * correction),
+                u.replace(direction=direction, bias_correction=u.bias_correction * correction),
                 mu,
                 nu,
             )
@@ -378,13 +374,7 @@ class InSubspaceState(NamedTuple):
 
 
 def in_subspace(
-    base_optimizer: optax.GradientTransformation,
-    *,
-    rank: int | None = None,
-    proj_type: str = "std",
-    projected: ProjectedSpec = None,
-    dimension_numbers: DimensionNumbersSpec = None,
-    spec: ProjectionSpec | None = None,
+    spec: ProjectionSpec, base_optimizer: optax.GradientTransformation
 ) -> optax.GradientTransformation:
     """Runs any gradient-only optax transform inside the subspace.
 
@@ -410,20 +400,31 @@ def in_subspace(
     transforms that read only shapes, like `scale_by_factored_rms` — and the params, or zeros
     without them, for the others), so put weight decay and the learning rate after
     `project_back`. Its own bias correction, if any, is part of `N` (the node's
-    `step_scale` stays 1).
+    `bias_correction` stays 1).
 
     Args:
+      spec: the :class:`fira_optax.ProjectionSpec` given to `project` (with a rank).
       base_optimizer: a gradient-only `optax.GradientTransformation`.
-      rank: the rank given to `project`.
-      proj_type: the proj_type given to `project`.
-      projected: the `projected` given to `project`.
-      dimension_numbers: the `dimension_numbers` given to `project`.
-      spec: the shared :class:`fira_optax.ProjectionSpec` (instead of the four above).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` (extra arguments go to the base optimizer).
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, fira_optax as fo
+      >>> params = {"w": jnp.ones((8, 4))}
+      >>> spec = fo.ProjectionSpec(rank=2, projected={"w": True})
+      >>> tx = optax.chain(
+      ...     fo.project(spec), fo.in_subspace(spec, optax.scale_by_rms()), fo.project_back()
+      ... )
+      >>> tx.init(params)[1].inner[0].nu["w"].shape  # RMSprop's state at the low-rank shape
+      (8, 2)
     """
-    spec = make_spec("in_subspace", spec, rank, proj_type, projected, dimension_numbers)
+    spec = check_spec("in_subspace", spec)
+    if not isinstance(base_optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "in_subspace: base_optimizer must be an optax.GradientTransformation, got "
+            f"{base_optimizer!r}: call in_subspace(spec, base_optimizer)."
+        )
     base = optax.with_extra_args_support(base_optimizer)
 
     def standins(params):

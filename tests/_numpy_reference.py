@@ -4,16 +4,18 @@ Independent of ``fira_optax``'s code. Spec, per projected matrix G (m x n), step
 
 * k = min(rank, m, n). Side: ``std`` -> right if m >= n else left; ``reverse_std`` -> left if
   m >= n else right; ``left`` / ``right`` forced.
-* left:  P = U[:, :k] (m x k), R = P^T G (k x n), back(X) = alpha P X.
-  right: P = Vh[:k]   (k x n), R = G P^T (m x k), back(X) = alpha X P.
+* left:  P = U[:, :k] (m x k), R = P^T G (k x n), back(X) = P X.
+  right: P = Vh[:k]   (k x n), R = G P^T (m x k), back(X) = X P.
+  The low-rank terms of the update are alpha back(X) (alpha = scale).
   Each kept basis vector (column of P for left, row for right) is multiplied by the sign of its
   largest-magnitude entry (first on ties; sign 0 -> +1).
 * P is refreshed from the SVD of the current G at t = 1, T+1, 2T+1, ... (moments carried over).
 * m <- b1 m + (1-b1) R;  v <- b2 v + (1-b2) R^2;  N = m / (sqrt(v) + eps).
-* Fira only: phi = ||N|| / (||R|| + 1e-8), norms over R's rank (k) axis; S = phi * (G - back(R)).
+* Fira only: phi = ||N|| / (||R|| + 1e-8), norms over R's rank (k) axis;
+  S = phi * (G - alpha back(R)).
   Norm-growth limiter: on the first step g = ||S||_F (no limiting); later
   lam = max(||S|| / (g + 1e-8), gamma) / gamma, S <- S / lam, g <- ||S_before|| / lam.
-* W <- W - s_t (back(N) [+ S]),  s_t = lr_t sqrt(1 - b2^t) / (1 - b1^t);
+* W <- W - s_t (alpha back(N) [+ S]),  s_t = lr_t sqrt(1 - b2^t) / (1 - b1^t);
   then if wd > 0: W <- W - lr_t wd W.
 * Non-projected leaves: the same AdamW step with R = G (no projection, no S).
 * Projected leaves may have leading batch axes (..., m, n): every matrix has its own basis,

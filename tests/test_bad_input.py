@@ -384,3 +384,18 @@ def test_a_block_without_its_spec_names_projection_spec():
         fo.in_subspace(fo.ProjectionSpec(4), "adam")
     with pytest.raises(ValueError, match=r"the spec needs a rank"):
         fo.scale_by_low_rank_adam(fo.ProjectionSpec(None))
+
+
+def test_literal_option_types_list_the_checked_values():
+    """The `Literal` types of the signatures are the values the blocks accept."""
+    from typing import get_args
+
+    from fira_optax import _refresh, _residual, _schedule, _shapes, _subspace, _types
+
+    assert get_args(_types.ProjType) == _shapes.PROJ_TYPES
+    assert get_args(_types.RefreshMethod) == _refresh.REFRESH_METHODS
+    assert get_args(_types.RefreshSchedule) == _schedule.SCHEDULES
+    assert get_args(_types.OnRefresh) == _subspace.ON_REFRESH
+    assert get_args(_types.BiasCorrection) == _subspace.BIAS_CORRECTIONS
+    assert get_args(_types.ScaleType) == _residual.SCALE_TYPES
+    assert get_args(_types.StateFreeRule) == _residual.STATE_FREE_RULES

@@ -136,7 +136,7 @@ def _run(tx, params, steps=7):
 @pytest.mark.parametrize("wrapper", ["multi_transform", "partition"])
 def test_multi_transform_trajectory_equals_projected_mask(wrapper):
     params = _model_params()
-    mask = fo.projected_mask(params, rank=RANK)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(RANK))
     labels = jax.tree.map(lambda m: "low_rank" if m else "adam", mask)
     kwargs = dict(update_proj_gap=GAP, scale=0.25, weight_decay=0.01)
     make = getattr(optax, wrapper)
@@ -155,7 +155,7 @@ def test_multi_transform_trajectory_equals_projected_mask(wrapper):
 
 def test_masked_projects_only_the_mask_and_passes_the_rest_through():
     params = _model_params()
-    mask = fo.projected_mask(params, rank=RANK)
+    mask = fo.projected_mask(params, fo.ProjectionSpec(RANK))
     tx = optax.masked(fo.fira(1e-2, RANK, update_proj_gap=GAP), mask)
     whole = fo.fira(1e-2, RANK, update_proj_gap=GAP, projected=mask)
     state = tx.init(params)
@@ -188,9 +188,9 @@ def test_two_fira_groups_with_different_ranks():
     state = tx.init(params)
     updates, state = jax.jit(tx.update)(_grads(params, 0), state, params)
     chex.assert_tree_all_finite(updates)
-    bases = state.inner_states["attn"].inner_state[0][0].bases
+    bases = optax.tree_utils.tree_get(state.inner_states["attn"], "bases")
     assert bases["blocks"][0]["attn"]["q"]["kernel"].shape == (2, 16)
-    bases = state.inner_states["mlp"].inner_state[0][0].bases
+    bases = optax.tree_utils.tree_get(state.inner_states["mlp"], "bases")
     assert bases["blocks"][1]["mlp"]["up"]["kernel"].shape == (16, 8)
 
 
@@ -255,5 +255,5 @@ def test_nnx_optimizer_with_wrt(wrt):
     if wrt == "subset":
         assert all(c == ("attn" in k) for k, c in flat.items()), flat
     # The attention kernels (16, 2, 8) / (2, 8, 16) are projected as 16×16 matrices.
-    bases = jax.tree.leaves(optimizer.opt_state[0][0].bases)
+    bases = jax.tree.leaves(optax.tree_utils.tree_get(optimizer.opt_state, "bases"))
     assert any(b.shape == (4, 16) for b in bases)
