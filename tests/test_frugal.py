@@ -35,6 +35,7 @@ import optax
 import pytest
 from _harness import _FAST_COMPILE, learning_rates, relative_errors
 from _numpy_reference import canonical_basis, projection_side, run_frugal_reference
+from optax.tree_utils import tree_get
 
 import fira_optax as fo
 from fira_optax import _frugal, _schedule
@@ -329,7 +330,12 @@ def _check(case_id, errs, tol):
     assert not bad, f"{case_id}: error above {tol:g}: {bad} (all: {errs})"
 
 
-@pytest.mark.parametrize("case_id", list(CASES))
+def _fast_first(ids):
+    """The first case in the fast tier, the others `slow`."""
+    return [pytest.param(c, marks=() if i == 0 else pytest.mark.slow) for i, c in enumerate(ids)]
+
+
+@pytest.mark.parametrize("case_id", _fast_first(list(CASES)))
 def test_matches_float64_reference(case_id):
     w0, grads, lr, hyper = _setup(case_id)
     ref = run_frugal_reference(w0, grads, learning_rates(lr, STEPS), **_reference_hyper(hyper))
@@ -338,7 +344,7 @@ def test_matches_float64_reference(case_id):
 
 
 @needs_official
-@pytest.mark.parametrize("case_id", [c for c in CASES if c not in OFFICIAL_SKIP])
+@pytest.mark.parametrize("case_id", _fast_first([c for c in CASES if c not in OFFICIAL_SKIP]))
 def test_matches_official(case_id):
     w0, grads, lr, hyper = _setup(case_id)
     official = run_official_frugal(w0, grads, learning_rates(lr, STEPS), **hyper)
@@ -372,7 +378,7 @@ def test_sign_step_is_the_sign_of_the_residual():
     sign_tx, none_tx = fo.frugal(LR, state_free="sign", **kw), fo.frugal(LR, state_free=None, **kw)
     with_sign, state = sign_tx.update(g, sign_tx.init(params), params)
     without, _ = none_tx.update(g, none_tx.init(params), params)
-    bases = state[0][0].bases
+    bases = tree_get(state, "bases")
     for name, (m, n) in MATRICES.items():
         G = np.asarray(g[name], np.float64)
         P = np.asarray(bases[name], np.float64)
@@ -518,11 +524,14 @@ def test_moments_reset_at_each_matrix_own_refresh():
     for g in grads[:14]:
         g = {n: jnp.asarray(g[n]) for n in names}
         _, state = update(g, state, params)
-        project_state, adam_state = state[0][0], state[0][1]
+        bases, mus = (
+            tree_get(state, "bases"),
+            tree_get(state, "mu"),
+        )
         for n in names:
-            G, P = np.asarray(g[n], np.float64), np.asarray(project_state.bases[n], np.float64)
+            G, P = np.asarray(g[n], np.float64), np.asarray(bases[n], np.float64)
             R = G @ P.T  # both are right projections (m >= n)
-            mu = np.asarray(adam_state.mu[n], np.float64)
+            mu = np.asarray(mus[n], np.float64)
             fresh[n].append(bool(np.allclose(mu, 0.1 * R, rtol=0, atol=1e-5 * np.abs(R).max())))
     steps = np.arange(14)
     np.testing.assert_array_equal(fresh["tall"], steps % GAP == 0)

