@@ -57,6 +57,7 @@ def _check(r: dict) -> None:
     assert r["shardings_kept"], r
 
 
+@pytest.mark.slow
 def test_divided_refresh_equals_single_device_fsdp_and_fsdp_tp():
     # fsdp_tp+unit: a mesh axis of size 1 that no param names (the example's data=1 axis).
     for result in _run(

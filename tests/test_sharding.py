@@ -69,6 +69,7 @@ def test_sharded_fira_matches_single_device_all_layouts():
         _check(r)
 
 
+@pytest.mark.slow
 def test_sharded_fira_and_galore_match_single_device():
     results = _run("fira:fsdp_tp", "galore:tp")
     assert len(results) == 2
@@ -76,6 +77,7 @@ def test_sharded_fira_and_galore_match_single_device():
         _check(r)
 
 
+@pytest.mark.slow
 def test_sharded_family_matches_single_device():
     """APOLLO (random projection), GoLore (SVD, then random orthonormal) and FRUGAL keep
     their state's shardings and match one device as Fira does."""
@@ -274,6 +276,7 @@ for name, tx in wrappers.items():
 """
 
 
+@pytest.mark.slow
 def test_state_shardings_through_optax_wrappers_on_8_devices():
     """MultiSteps, inject_hyperparams, apply_if_finite, chain, multi_transform, masked.
 
