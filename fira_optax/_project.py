@@ -25,7 +25,7 @@ from fira_optax._node import LowRankUpdate
 from fira_optax._refresh import Refresh, RefreshLeaf, check_refresh, matrix_keys, orthonormal
 from fira_optax._shapes import active as matrices_active
 from fira_optax._shapes import project_matrix
-from fira_optax._spec import ProjectionSpec
+from fira_optax._spec import ProjectionSpec, check_spec
 from fira_optax._types import RefreshSchedule
 
 
@@ -53,25 +53,6 @@ class ProjectState(NamedTuple):
 
 def check_scale(scale: Any) -> None:
     check_real("scale", scale, low=0.0, low_open=True, what="a finite number > 0 (α)")
-
-
-def check_spec(block: str, spec: Any) -> ProjectionSpec:
-    """`spec` itself, or a TypeError that names the fix (an int is a rank, not a spec)."""
-    if isinstance(spec, ProjectionSpec):
-        if spec.rank is None:
-            raise ValueError(f"{block}: the spec needs a rank: fo.ProjectionSpec(rank=...).")
-        return spec
-    if isinstance(spec, (int, jnp.integer)) or (hasattr(spec, "dtype") and spec.ndim == 0):
-        rank = int(spec) if not isinstance(spec, jax.core.Tracer) else "..."
-        raise TypeError(
-            f"{block}: the first argument is the projection, a ProjectionSpec; got {spec!r}. "
-            f"Pass fo.ProjectionSpec(rank={rank}) (with proj_type=, projected=, "
-            "dimension_numbers= as needed)."
-        )
-    raise TypeError(
-        f"{block}: spec must be a fira_optax.ProjectionSpec (fo.ProjectionSpec(rank=...)), "
-        f"got {spec!r}."
-    )
 
 
 def project(

@@ -324,18 +324,20 @@ def check_spec(
         rank = None if isinstance(spec, (bool, np.bool_)) else operator.index(spec)
     except TypeError:
         rank = None
+    same = "" if block == "project" else ", the spec given to fo.project()"
     if spec is None:
-        fix = "pass spec=fo.ProjectionSpec(rank=...), the spec given to fo.project()"
+        fix = f"pass spec=fo.ProjectionSpec(rank=...){same}"
     elif rank is not None:
-        fix = f"pass fo.ProjectionSpec(rank={rank}) (with the proj_type, projected and "
-        fix += "dimension_numbers given to fo.project())"
+        fix = f"pass fo.ProjectionSpec(rank={rank}) (with proj_type=, projected=, "
+        fix += f"dimension_numbers= as needed{same})"
     elif isinstance(spec, (float, np.floating)):
         fix = (
             f"pass the spec first and the hyper-parameters after it or by name: "
             f"{block}(fo.ProjectionSpec(rank=...), ...)"
         )
     else:
-        fix = "pass spec=fo.ProjectionSpec(rank=..., ...), the spec given to fo.project()"
+        fix = "pass fo.ProjectionSpec(rank=...) (with proj_type=, projected=, "
+        fix += f"dimension_numbers= as needed{same})"
     raise TypeError(
         f"{block}: the projection is given as a fira_optax.ProjectionSpec, its first argument; "
         f"got {type(spec).__name__} {spec!r}: {fix}."
