@@ -578,8 +578,8 @@ def test_inside_multi_transform_follows_the_whole_tree_run():
 def test_state_bytes_at_rank(rank, limiter):
     """Per projected matrix: the projection (k × the side it keeps), two moments at the
     low-rank shape (k × the other side), an int32 step count and (limiter) one float32
-    memory; the plain leaves AdamW's two moments; four int32 counts (three without the
-    limiter). APOLLO-Mini's state is two vectors and a projection per matrix."""
+    memory; the plain leaves AdamW's two moments; three int32 counts (project, Adam, the
+    learning rate). APOLLO-Mini's state is two vectors and a projection per matrix."""
     d, ffn = 64, 176
     params = {
         "q": jax.ShapeDtypeStruct((d, d), jnp.float32),
@@ -597,7 +597,7 @@ def test_state_bytes_at_rank(rank, limiter):
     for m, n in [(d, d), (d, ffn), (ffn, d)]:
         kept, other = (n, m) if m >= n else (m, n)  # std: right if tall/square else left
         expected += 4 * (rank * kept + 2 * rank * other + 1 + int(limiter))
-    expected += 4 * 2 * d + 4 * (3 + int(limiter))
+    expected += 4 * 2 * d + 4 * 3
     assert state_bytes(tx, params) == expected
     assert state_bytes(tx, params) < state_bytes(optax.adamw(1e-2), params) / 4
 
