@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import fira_optax as fo
 
@@ -69,6 +70,7 @@ def resume(directory: str) -> None:
     np.savez(os.path.join(directory, "resumed.npz"), *[np.asarray(x) for x in leaves])
 
 
+@pytest.mark.slow
 def test_orbax_resume_in_fresh_process_is_bit_identical(tmp_path):
     params, tx, step = problem()
     state = tx.init(params)

@@ -17,7 +17,12 @@ from _roundoff import ROUND_OFF, assert_round_off
 import fira_optax as fo
 from fira_optax._testing import matrix_problem
 
-NAMES = sorted(OPTIMIZERS)
+# The fast tier (`-m "not slow"`) runs the contracts on Fira and the block chain; every other
+# optimizer's runs are slow.
+NAMES = [
+    pytest.param(name, marks=() if name in ("fira", "blocks") else pytest.mark.slow)
+    for name in sorted(OPTIMIZERS)
+]
 
 
 def _step_fn(opt, loss_fn, **update_kwargs):
@@ -207,6 +212,7 @@ def test_block_chain_equals_scale_by_fira():
         params = optax.apply_updates(params, jax.tree.map(lambda u: -1e-2 * u, u1))
 
 
+@pytest.mark.slow
 def test_ablations_differ_as_expected():
     """No residual == GaLore; no limiter differs from Fira only once the limiter engages."""
     params, loss_fn = matrix_problem(seed=3)
@@ -262,6 +268,7 @@ def test_fused_residual_matches_explicit_formula():
         np.testing.assert_allclose(out["w"], expected, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 class VariantsTest(chex.TestCase):
     """Every optimizer and the block chain give the same steps with and without jit.
 
@@ -271,7 +278,7 @@ class VariantsTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_same_updates_with_and_without_jit(self):
-        for name in NAMES:
+        for name in sorted(OPTIMIZERS):
             opt = OPTIMIZERS[name]()
             params, loss_fn = matrix_problem(seed=4)
             grads = [

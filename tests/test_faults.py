@@ -232,6 +232,7 @@ def test_idle_expert_gets_no_weight_decay(make):
         np.testing.assert_allclose(u["bias"], -1e-2 * 0.1 * np.ones(32), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sparse_gradients_train_every_step():
     """A 2-layer MLP on 16 one-hot tokens, batch 1, rank 2: the first layer's gradient sits on
     one row, so after a refresh it is mostly orthogonal to the basis (R = 0, G ≠ 0). Every
@@ -299,6 +300,7 @@ def _moe_problem():
     return params, loss_fn
 
 
+@pytest.mark.slow
 def test_fault_injected_run_ends_where_the_clean_run_ends(tmp_path):
     """100 steps of Fira under apply_if_finite; the faulty run gets a loss spike (gradient ×10
     at step 10), a NaN gradient (step 15), expert 1 idle for steps 20–22, and is checkpointed

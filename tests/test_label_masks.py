@@ -74,7 +74,10 @@ def _grads(params, step):
     return jax.tree.map(lambda p: jnp.cos(p * (step + 1.0)) + 0.1 * step, params)
 
 
-@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize(
+    "opt",  # the fast tier: Fira on every tree kind; the other optimizers are slow
+    [pytest.param(o, marks=() if o == "fira" else pytest.mark.slow) for o in sorted(OPTIMIZERS)],
+)
 @pytest.mark.parametrize("tree", sorted(TREES))
 def test_any_pytree(tree, opt):
     params = TREES[tree]()

@@ -131,6 +131,7 @@ def parity(tmp_path_factory) -> dict:
     return _child("parity", tmp_path_factory.mktemp("mesh"))
 
 
+@pytest.mark.slow
 def test_mesh_reaches_single_device_loss(parity):
     single, mesh = parity["single"], parity["mesh"]
     assert parity["mesh_shape"] == {"data": 1, "fsdp": 4, "tensor": 2}
@@ -141,6 +142,7 @@ def test_mesh_reaches_single_device_loss(parity):
     assert parity["params_max_rel"] < 1e-3
 
 
+@pytest.mark.slow
 def test_state_is_sharded_and_follows_the_params(parity):
     specs = parity["specs"]
     assert specs["param q_proj"] == ["fsdp", "tensor"]
@@ -166,6 +168,7 @@ def test_state_is_sharded_and_follows_the_params(parity):
     assert "must be divisible by data x fsdp = 4" in parity["batch_error"]
 
 
+@pytest.mark.slow
 def test_mesh_divides_the_refresh(parity):
     """On the mesh the example refreshes divided (``divide_refresh``, the default): the
     gradient blocks travel by all-to-all and fewer arrays are all-gathered than when every
@@ -176,6 +179,7 @@ def test_mesh_divides_the_refresh(parity):
     assert divided["all-gather"] < replicated["all-gather"], (divided, replicated)
 
 
+@pytest.mark.slow
 def test_sharded_resume_is_exact(parity):
     resume = parity["resume"]
     assert resume["state_max_abs_diff"] == 0.0, resume

@@ -55,7 +55,11 @@ def run_config(corpus: str, optimizer: str) -> configs.Config:
     )
 
 
-@pytest.fixture(scope="module", params=OPTIMIZERS)
+# The fast tier trains Fira only; the other optimizers' runs are slow.
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(o, marks=() if o == "fira" else pytest.mark.slow) for o in OPTIMIZERS],
+)
 def run(request, corpus, tmp_path_factory):
     """One 12-step training run per optimizer, shared by the tests below."""
     workdir = tmp_path_factory.mktemp(request.param)
@@ -82,6 +86,7 @@ def test_one_step(run):
     assert abs(float(metrics["loss"]) - np.log(config.vocab_size)) < 0.5
 
 
+@pytest.mark.slow
 def test_loss_decreases(run):
     _, workdir, result = run
     losses = [r["loss"] for r in read_rows(workdir, "train")]
@@ -127,6 +132,7 @@ def test_tensorboard_summaries_next_to_the_jsonl(run):
     assert all("step_ms" in r for r in train_rows)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(run, tmp_path):
     config, workdir, full = run
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
@@ -159,6 +165,7 @@ def read_state(path):
         return checkpointer.restore(path / "default")
 
 
+@pytest.mark.slow
 def test_scan_layers(corpus, tmp_path):
     config = micro(corpus, optimizer="fira", scan_layers=True, num_train_steps=6, eval_every=6)
     model = Llama(config, rngs=nnx.Rngs(0))
@@ -172,6 +179,7 @@ def test_scan_layers(corpus, tmp_path):
     assert np.isfinite(result["final_val_loss"])
 
 
+@pytest.mark.slow
 def test_scan_and_loop_models_agree(corpus):
     config = micro(corpus)
     looped = Llama(config, rngs=nnx.Rngs(0))
@@ -272,6 +280,7 @@ def max_diff(a, b):
     return max(jax.tree.leaves(diffs))
 
 
+@pytest.mark.slow
 def test_ablations_are_the_paper_variants(corpus):
     config = micro(corpus, warmup_frac=0.0, rank=2)  # The residual lives outside rank 2.
     _, fira = replay(dataclasses.replace(config, optimizer="fira"))
@@ -387,6 +396,7 @@ def test_claims_need_more_than_the_seed_spread():
     assert "seed spread of one run 0.100" in text
 
 
+@pytest.mark.slow
 def test_rank_sweep_report(corpus, tmp_path):
     argv = [f"--config={cli.CONFIG_FILE}:micro", f"--config.data_path={corpus}",
             "--config.num_train_steps=2", "--config.eval_every=2", "--workdir", str(tmp_path),
