@@ -106,14 +106,17 @@ def transported(mu: jax.Array, u: Any) -> jax.Array:
     A matrix whose basis did not change (or had none: its moment is still zero) keeps it."""
     old, new = u.previous_basis, u.basis
     mu32 = mu.astype(jnp.float32)
-    if u.side == "left":  # bases (m, k)
-        change_kxk = jnp.swapaxes(new, -1, -2) @ old
-        moved = change_kxk @ mu32
-    else:  # bases (k, n)
-        change_kxk = old @ jnp.swapaxes(new, -1, -2)
-        moved = mu32 @ change_kxk
     refreshed = jnp.any(new != old, axis=(-2, -1))
-    return jnp.where(per_matrix(refreshed), moved, mu32).astype(mu.dtype)
+
+    def move() -> jax.Array:
+        if u.side == "left":  # bases (m, k)
+            moved = (jnp.swapaxes(new, -1, -2) @ old) @ mu32
+        else:  # bases (k, n)
+            moved = mu32 @ (old @ jnp.swapaxes(new, -1, -2))
+        return jnp.where(per_matrix(refreshed), moved, mu32)
+
+    # The two m·k²-flop matmuls run only on a step where some basis changed.
+    return jax.lax.cond(jnp.any(refreshed), move, lambda: mu32).astype(mu.dtype)
 
 
 def _mismatch(block: str, path: str, kind: str, got: tuple, want: tuple) -> ValueError:
