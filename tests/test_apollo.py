@@ -602,6 +602,7 @@ def test_state_bytes_at_rank(rank, limiter):
     assert state_bytes(tx, params) < state_bytes(optax.adamw(1e-2), params) / 4
 
 
+@pytest.mark.slow  # the fast tier injects Fira's (test_contract.py)
 @pytest.mark.parametrize("name", ["apollo", "apollo_mini"])
 def test_inject_hyperparams(name):
     params = _params()

@@ -165,7 +165,7 @@ def test_staggered_offsets_spread_and_balance():
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("gap", [3, 40])
+@pytest.mark.parametrize("gap", [3, pytest.param(40, marks=pytest.mark.slow)])
 def test_staggered_schedule_refreshes_each_matrix_once_per_window(gap):
     """Step 1: every matrix; then matrix j exactly when its count s ≡ o_j (mod T)."""
     params = _llama()

@@ -44,7 +44,11 @@ def test_the_pages_have_blocks_to_run():
         assert len(first) > len(SKIP) + 3, f"{page}:{line}: a skip-test marker names its reason"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "page",  # the fast tier runs the front page's blocks; the other pages' are slow
+    [pytest.param(p, marks=() if p == REPO / "README.md" else pytest.mark.slow) for p in PAGES],
+    ids=lambda p: str(p.relative_to(REPO)),
+)
 def test_page_code_blocks_run(page, monkeypatch):
     monkeypatch.chdir(REPO)
     namespace: dict = {"__name__": f"docs:{page.name}"}

@@ -463,6 +463,7 @@ def test_in_multi_transform():
         )
 
 
+@pytest.mark.slow
 def test_inject_hyperparams():
     """Every numeric argument injected (traced), `rank`/`update_proj_gap` static: the updates
     of the plain alias; and the injected ratio is live: set to 0, the update is the one
@@ -625,7 +626,7 @@ def _train(state_free, steps=150):
     return first, float(loss_fn(params))
 
 
-@pytest.mark.parametrize("state_free", ["sign", "sgd"])
+@pytest.mark.parametrize("state_free", ["sign", pytest.param("sgd", marks=pytest.mark.slow)])
 def test_training_loss_decreases(state_free):
     """A least-squares problem at rank 4: the loss falls by more than 100×, and below the run
     without the state-free step (GaLore's update), which leaves the residual untrained."""

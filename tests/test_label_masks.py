@@ -136,7 +136,9 @@ def _run(tx, params, steps=7):
     return out
 
 
-@pytest.mark.parametrize("wrapper", ["multi_transform", "partition"])
+@pytest.mark.parametrize(
+    "wrapper", [pytest.param("multi_transform", marks=pytest.mark.slow), "partition"]
+)
 def test_multi_transform_trajectory_equals_projected_mask(wrapper):
     params = _model_params()
     mask = fo.projected_mask(params, fo.ProjectionSpec(RANK))
@@ -197,6 +199,7 @@ def test_two_fira_groups_with_different_ranks():
     assert bases["blocks"][1]["mlp"]["up"]["kernel"].shape == (16, 8)
 
 
+@pytest.mark.slow  # a docs page, as the slow pages of test_docs.py
 def test_docs_label_recipe_runs():
     """The docs' label-mask recipe (Fira on kernels, AdamW on embeddings/head/norms)."""
     page = (Path(__file__).resolve().parents[1] / "docs" / "building_blocks.md").read_text()
@@ -236,7 +239,7 @@ def _nnx_loss(model, tokens):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-@pytest.mark.parametrize("wrt", ["param", "subset"])
+@pytest.mark.parametrize("wrt", ["param", pytest.param("subset", marks=pytest.mark.slow)])
 def test_nnx_optimizer_with_wrt(wrt):
     model = TinyNNX(nnx.Rngs(0))
     filt = nnx.Param if wrt == "param" else nnx.All(nnx.Param, nnx.PathContains("attn"))

@@ -47,7 +47,11 @@ def run(tx, steps=3, jit=True):
 @pytest.mark.parametrize("residual", [True, False], ids=["fira", "galore"])
 @pytest.mark.parametrize(
     "middle",
-    [optax.scale(2.0), optax.scale_by_learning_rate(-2.0), optax.scale_by_schedule(lambda c: 2.0)],
+    [  # the fast tier: `optax.scale`; the other two scalings are slow
+        optax.scale(2.0),
+        pytest.param(optax.scale_by_learning_rate(-2.0), marks=pytest.mark.slow),
+        pytest.param(optax.scale_by_schedule(lambda c: 2.0), marks=pytest.mark.slow),
+    ],
     ids=["scale", "scale_by_learning_rate", "scale_by_schedule"],
 )
 def test_scalar_scaling_inside_acts_as_on_dense_leaves(middle, residual):

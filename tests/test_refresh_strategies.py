@@ -59,7 +59,9 @@ def test_random_orthonormal_basis_is_orthonormal_and_uniform():
     assert abs(captured.mean() - RANK / 24) < 5 * se, (captured.mean(), RANK / 24)
 
 
-@pytest.mark.parametrize("refresh", ["random", "random_orthonormal"])
+@pytest.mark.parametrize(  # the fast tier runs each strategy in one of the two tests below
+    "refresh", ["random", pytest.param("random_orthonormal", marks=pytest.mark.slow)]
+)
 def test_random_bases_are_new_at_every_refresh_per_leaf_and_seeded(refresh):
     runs = _bases({"refresh": refresh}, steps=2 * GAP + 1)
     first, same, second = runs[0], runs[GAP - 1], runs[GAP]
@@ -122,7 +124,9 @@ def test_unknown_refresh_fails_at_construction(refresh):
         fo.fira(1e-2, RANK, refresh=refresh)
 
 
-@pytest.mark.parametrize("refresh", ["random", "random_orthonormal"])
+@pytest.mark.parametrize(
+    "refresh", [pytest.param("random", marks=pytest.mark.slow), "random_orthonormal"]
+)
 def test_fira_trains_with_a_random_projection(refresh):
     """Least squares on a 64×32 matrix at rank 4, 300 steps: with a data-independent basis
     Fira (whose residual carries what the subspace misses) ends below 15 % of the starting

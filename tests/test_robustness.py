@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from optax.tree_utils import tree_get
 
 import fira_optax as fo
@@ -61,6 +62,7 @@ def test_bf16_dtypes():
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(tree_get(state, "nu")))
 
 
+@pytest.mark.slow
 def test_bf16_training_tracks_float32():
     """300 steps in bf16 (params, grads, mu) track float32 training.
 

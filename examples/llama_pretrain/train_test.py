@@ -231,11 +231,8 @@ def test_bundled_corpus_splits():
 @pytest.mark.parametrize(
     "optimizer",
     [
-        "fira_no_limiter",
-        *(
-            pytest.param(name, marks=pytest.mark.slow)
-            for name in ["fira_no_phi", "adamw_control", *configs.FAMILY]
-        ),
+        pytest.param(name, marks=pytest.mark.slow)
+        for name in ["fira_no_limiter", "fira_no_phi", "adamw_control", *configs.FAMILY]
     ],
 )
 def test_variant_trains(corpus, optimizer):
