@@ -6,7 +6,7 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # No arguments: the docs (warnings are errors; a public name missing from docs/api.md fails),
-# then the whole suite over min(4, cores) pytest-xdist workers (2 on CI: 12 min instead of 16).
+# then the whole suite over min(4, cores) pytest-xdist workers (2 on CI: about 11 min).
 # With arguments, pytest runs exactly them (add -n 2 to parallelize; -s prints).
 if [ "$#" -eq 0 ]; then
   # -E: read every page again (the API page comes from docstrings that may have changed).
