@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import pathlib
 import re
-import sys
 
 from sphinx.errors import ConfigError
 
-DOCS = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(DOCS.parent))
+import fira_optax
 
-import fira_optax  # noqa: E402
+DOCS = pathlib.Path(__file__).resolve().parent
 
 project = "fira_optax"
 author = "fira_optax developers"
