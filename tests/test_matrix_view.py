@@ -147,8 +147,8 @@ def test_never_a_bias_norm_or_a_leaf_projected_at_a_loss():
 
 
 def test_state_of_multi_head_attention_is_at_most_half_of_adamw():
-    """The issue's target: nnx.MultiHeadAttention(8 heads, 512) and Linen
-    DenseGeneral(features=(8, 64)) at rank 64 with state ≤ 0.5× AdamW's."""
+    """Attention kernels viewed as matrices: nnx.MultiHeadAttention(8 heads, 512) and Linen
+    DenseGeneral(features=(8, 64)) at rank 64 keep a state ≤ 0.5× AdamW's."""
     mha = nnx.MultiHeadAttention(num_heads=8, in_features=512, decode=False, rngs=nnx.Rngs(0))
     mha_params = nnx.state(mha, nnx.Param)
     dense = linen.DenseGeneral(features=(8, 64))

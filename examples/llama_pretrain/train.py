@@ -313,8 +313,9 @@ def _init_fn(config: Config, mesh: Mesh):
 
     On a mesh of several devices, one jitted function that creates every shard where it
     lives (no device ever holds the whole state). On one device, eager initialization
-    committed to the device, as before meshes existed: bit-identical to earlier runs (the
-    fused, jitted initializer rounds the normal samples differently, by up to 1 ulp).
+    committed to the device: the one-device runs of `results/` start from exactly these
+    weights (the fused, jitted initializer rounds the normal samples differently, by up to
+    1 ulp, so it would not reproduce them bit for bit).
     """
     shardings = state_shardings(abstract_train_state(config, mesh)[1])
     if mesh.size == 1:
