@@ -17,18 +17,20 @@ from _roundoff import ROUND_OFF, assert_round_off
 import fira_optax as fo
 from fira_optax._testing import matrix_problem
 
-# The fast tier (`-m "not slow"`) runs the contracts on Fira and the block chain; every other
-# optimizer's runs are slow.
-NAMES = [
-    pytest.param(name, marks=() if name in ("fira", "blocks") else pytest.mark.slow)
-    for name in sorted(OPTIMIZERS)
-]
-# Contracts whose code path does not depend on how the chain is assembled: Fira alone in the
-# fast tier (the block chain is the same computation: `test_block_chain_equals_scale_by_fira`).
-FAST_FIRA = [
-    pytest.param(name, marks=() if name == "fira" else pytest.mark.slow)
-    for name in sorted(OPTIMIZERS)
-]
+
+def _fast_tier(*fast):
+    """Every optimizer; those not in `fast` are `slow` (not in `pytest -m "not slow"`)."""
+    return [
+        pytest.param(name, marks=() if name in fast else pytest.mark.slow)
+        for name in sorted(OPTIMIZERS)
+    ]
+
+
+# The fast tier runs the contracts on Fira and the block chain; those whose code path does not
+# depend on how the chain is assembled on Fira alone (the block chain is the same computation:
+# `test_block_chain_equals_scale_by_fira`).
+NAMES = _fast_tier("fira", "blocks")
+FAST_FIRA = _fast_tier("fira")
 
 
 def _step_fn(opt, loss_fn, **update_kwargs):
